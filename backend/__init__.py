@@ -1,0 +1,1 @@
+"""Tessera web platform: API, HTML UI, services and persistence (never imports torch)."""

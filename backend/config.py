@@ -1,0 +1,104 @@
+"""Settings: the only place in Tessera that reads the environment.
+
+Every option can be set as ``TESSERA_<NAME>`` (for example ``TESSERA_DATA_DIR``). The two
+connection strings also accept the conventional plain names ``DATABASE_URL`` and ``BROKER_URL``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SECRET_KEY_FILE = "secret_key"
+
+
+class Settings(BaseSettings):
+    """Runtime configuration, validated once at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="TESSERA_", env_file=None, extra="ignore")
+
+    # Storage and connections
+    data_dir: Path = Field(default=Path("data"), description="Folder for the SQLite files, uploads and artifacts.")
+    database_url: str = Field(
+        default="",
+        validation_alias=AliasChoices("TESSERA_DATABASE_URL", "DATABASE_URL"),
+        description="SQLAlchemy URL; empty means a SQLite file in the data dir.",
+    )
+    broker_url: str = Field(
+        default="",
+        validation_alias=AliasChoices("TESSERA_BROKER_URL", "BROKER_URL"),
+        description="Celery broker URL; empty means kombu's SQLite transport in the data dir.",
+    )
+    secret_key: str = Field(
+        default="",
+        description="Signs CSRF tokens. Empty: generated once and kept in <data_dir>/secret_key.",
+    )
+
+    # Serving
+    host: str = "127.0.0.1"
+    port: int = 8000
+    worker_concurrency: int = Field(default=1, ge=1, description="Celery worker processes started by `serve`.")
+    log_level: str = "INFO"
+    log_json: bool = Field(default=False, description="Log one JSON object per line instead of text.")
+
+    # Accounts and sessions
+    session_cookie_name: str = "tessera_session"
+    session_max_age_seconds: int = Field(default=14 * 24 * 3600, ge=60)
+    cookie_secure: bool = Field(default=False, description="Set the Secure flag (enable behind HTTPS).")
+    access_token_max_age_seconds: int = Field(default=3600, ge=60, description="OAuth2 password-flow tokens.")
+    login_max_failures: int = Field(default=10, ge=1)
+    login_window_seconds: int = Field(default=15 * 60, ge=1)
+    admin_username: str = Field(default="admin", description="First admin created by `serve` when no user exists.")
+    admin_password: str = Field(default="", description="Password of that first admin; empty: generated and printed.")
+
+    # Limits on what users send (uploads and the engine's readers)
+    max_upload_bytes: int = Field(default=20 * 1024**3, ge=1)
+    max_archive_members: int = Field(default=200_000, ge=1)
+    max_extracted_bytes: int = Field(default=200 * 1024**3, ge=1)
+    max_compression_ratio: float = Field(default=200.0, gt=1)
+    max_image_pixels: int = Field(default=1_000_000_000, ge=1, description="Decompression-bomb guard for images.")
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'tessera.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        """True when the database is the embedded SQLite file."""
+        return self.database_url.startswith("sqlite")
+
+    def ensure_data_dir(self) -> Path:
+        """Create the data folder (and its parents) if needed and return it."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return self.data_dir
+
+    def resolved_secret_key(self) -> str:
+        """The configured secret key, or one generated on first use and kept in the data dir (0600)."""
+        if self.secret_key:
+            return self.secret_key
+        path = self.ensure_data_dir() / SECRET_KEY_FILE
+        if not path.exists():
+            key = secrets.token_urlsafe(48)
+            try:
+                with open(path, "x", encoding="ascii") as handle:
+                    handle.write(key)
+                path.chmod(0o600)
+            except FileExistsError:
+                pass  # another process won the race; read theirs
+        self.secret_key = path.read_text(encoding="ascii").strip()
+        return self.secret_key
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Process-wide settings (tests override the FastAPI dependency or clear this cache)."""
+    return Settings()

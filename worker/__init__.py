@@ -1,0 +1,1 @@
+"""Tessera workers: Celery tasks and the PatchGD engine."""
