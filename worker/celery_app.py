@@ -1,0 +1,66 @@
+"""The Celery application shared by the web process (to enqueue by name) and the workers.
+
+Importing this module must stay cheap and torch-free: the web process imports it to send
+tasks, and prefork workers must not initialise CUDA before they fork. Tasks import the
+engine inside their bodies.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from backend.config import Settings, get_settings
+
+#: Queue every Tessera task goes to unless a route says otherwise.
+DEFAULT_QUEUE = "tessera"
+
+#: How long Redis keeps an unacknowledged message before handing it to another worker.
+#: Training runs for hours and messages are acknowledged only when a task ends, so this must
+#: exceed the longest run; a redelivered message is harmless anyway, because a worker claims
+#: the database row with a conditional UPDATE before it starts.
+REDIS_VISIBILITY_TIMEOUT_SECONDS = 48 * 3600
+
+
+def broker_transport_options(broker_url: str) -> dict[str, object]:
+    """Transport options for the given broker URL.
+
+    kombu's SQLAlchemy transport passes its options straight to ``create_engine`` and has no
+    visibility timeout (a fetched message is hidden, never redelivered), so it gets none.
+    """
+    if broker_url.startswith(("redis://", "rediss://", "redis+socket://", "sentinel://")):
+        return {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_SECONDS}
+    return {}
+
+
+def create_celery(settings: Settings) -> Celery:
+    """Build the Celery application for the given settings (workers and the web process)."""
+    app = Celery("tessera", include=["worker.tasks"])
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_transport_options=broker_transport_options(settings.broker_url),
+        broker_connection_retry_on_startup=True,
+        # JSON only: a pickle payload from anyone who can write to the broker would run code.
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        # The database row holds the outcome; Celery results would be a second, stale copy.
+        task_ignore_result=True,
+        task_store_errors_even_if_ignored=False,
+        # Acknowledge after the task ends and hand the message back if the worker process
+        # dies, so a crashed training is retried instead of silently dropped.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One message at a time per process: a GPU worker must not hoard queued trainings.
+        worker_prefetch_multiplier=1,
+        # Keep a running training alive across a broker hiccup; the row's lease, not the
+        # message, decides who owns the task.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        task_default_queue=DEFAULT_QUEUE,
+        timezone="UTC",
+        enable_utc=True,
+    )
+    return app
+
+
+celery_app = create_celery(get_settings())
