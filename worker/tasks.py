@@ -24,9 +24,7 @@ _PING_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 def ping_report_path(data_dir: Path, token: str) -> Path:
     """Where the report of the ping identified by ``token`` is written (and read back)."""
     if not _PING_TOKEN.fullmatch(token):
-        raise ValueError(
-            f"Invalid ping token {token!r}: use 1 to 64 letters, digits, '-' or '_'."
-        )
+        raise ValueError(f"Invalid ping token {token!r}: use 1 to 64 letters, digits, '-' or '_'.")
     return data_dir / PING_DIR / f"{token}.json"
 
 
