@@ -11,8 +11,10 @@ from celery import Celery
 
 from backend.config import Settings, get_settings
 
-#: Queue every Tessera task goes to unless a route says otherwise.
-DEFAULT_QUEUE = "tessera"
+#: Queue every Tessera task goes to unless a route says otherwise. It is Celery's own default
+#: name, so a client that sends by name with Celery's defaults (``backend.queue``, which must not
+#: import this module) reaches the same workers.
+DEFAULT_QUEUE = "celery"
 
 #: How long Redis keeps an unacknowledged message before handing it to another worker.
 #: Training runs for hours and messages are acknowledged only when a task ends, so this must
