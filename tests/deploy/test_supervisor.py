@@ -191,3 +191,6 @@ def test_commands_environment_and_banner(tmp_path: Path, monkeypatch: pytest.Mon
     assert "Admin password: s3cret-pass" in text
     assert "existing account" in banner(settings, None)
     assert "s3cret" not in banner(settings, None)
+    configured = Settings(data_dir=tmp_path, admin_password="configured-secret")
+    assert "TESSERA_ADMIN_PASSWORD" in banner(configured, None)
+    assert "configured-secret" not in banner(configured, None)
