@@ -126,7 +126,7 @@ def banner(settings: Settings, admin_password: str | None) -> str:
     lines = [rule, f"  Tessera is starting at {url}"]
     if admin_password is None and settings.admin_password:
         # The first admin (if it was just created) got the configured password: never echo it.
-        lines.append(f"  Log in with your account ({settings.admin_username}: the TESSERA_ADMIN_PASSWORD you set).")
+        lines.append(f"  Log in as {settings.admin_username} with the TESSERA_ADMIN_PASSWORD you set.")
     elif admin_password is None:
         lines.append("  Log in with your existing account.")
     else:
