@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     login_window_seconds: int = Field(default=15 * 60, ge=1)
     admin_username: str = Field(default="admin", description="First admin created by `serve` when no user exists.")
     admin_password: str = Field(default="", description="Password of that first admin; empty: generated and printed.")
+    argon2_time_cost: int = Field(default=3, ge=1, description="Argon2 iterations for password hashes.")
+    argon2_memory_cost_kib: int = Field(default=65536, ge=8, description="Argon2 memory per hash, in KiB.")
+    session_touch_interval_seconds: int = Field(
+        default=60, ge=0, description="How often a session's last-seen time is written (fewer writes)."
+    )
+    health_broker_timeout_seconds: float = Field(default=2.0, gt=0, description="Broker timeout in /healthz.")
 
     # Limits on what users send (uploads and the engine's readers)
     max_upload_bytes: int = Field(default=20 * 1024**3, ge=1)

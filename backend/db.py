@@ -1,0 +1,156 @@
+"""Database engine, sessions and schema migrations.
+
+The request owns the transaction: services only ``flush()``; :func:`get_session` commits when the
+request handler returns and rolls back when it raises. Work queued with
+:func:`backend.queue.enqueue_after_commit` runs only once that commit has succeeded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from threading import Lock
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from fastapi import Request
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from backend.config import Settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ALEMBIC_INI = REPO_ROOT / "alembic.ini"
+MIGRATIONS_DIR = REPO_ROOT / "migrations"
+
+# SQLite waits this long for a competing writer (API, worker, beat) before "database is locked".
+SQLITE_BUSY_TIMEOUT_MS = 15_000
+AFTER_COMMIT_KEY = "after_commit_callbacks"
+
+_engines: dict[str, Engine] = {}
+_factories: dict[str, sessionmaker[Session]] = {}
+_lock = Lock()
+
+
+def create_db_engine(url: str) -> Engine:
+    """Build an engine for ``url`` with the connection settings Tessera relies on.
+
+    SQLite gets WAL journaling (readers never block the writer), enforced foreign keys and a busy
+    timeout, set on every new connection; Postgres gets ``pool_pre_ping`` so connections dropped by
+    a database restart are replaced instead of failing a request.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def get_engine(settings: Settings) -> Engine:
+    """The process-wide engine for ``settings.database_url`` (one per URL, created on first use)."""
+    url = settings.database_url
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = create_db_engine(url)
+            _engines[url] = engine
+            _factories[url] = sessionmaker(bind=engine, expire_on_commit=False)
+        return engine
+
+
+def get_sessionmaker(settings: Settings) -> sessionmaker[Session]:
+    """The session factory bound to :func:`get_engine` for these settings."""
+    get_engine(settings)
+    return _factories[settings.database_url]
+
+
+def dispose_engines() -> None:
+    """Close every cached engine's connections (used at shutdown and between test databases)."""
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+        _factories.clear()
+
+
+def run_after_commit(session: Session, callback: Callable[[], None]) -> None:
+    """Run ``callback`` once the session's current transaction has committed (dropped on rollback)."""
+    session.info.setdefault(AFTER_COMMIT_KEY, []).append(callback)
+
+
+@event.listens_for(Session, "after_commit")
+def _run_after_commit_callbacks(session: Session) -> None:
+    callbacks = session.info.pop(AFTER_COMMIT_KEY, [])
+    for callback in callbacks:
+        callback()
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_after_commit_callbacks(session: Session) -> None:
+    # Work queued for a transaction that never committed must never be sent.
+    session.info.pop(AFTER_COMMIT_KEY, None)
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """FastAPI dependency: one session per request, committed at the end or rolled back on error."""
+    factory = get_sessionmaker(request.app.state.settings)
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+@contextmanager
+def session_scope(settings: Settings) -> Iterator[Session]:
+    """A session for the CLI and workers: commits when the block ends, rolls back if it raises."""
+    session = get_sessionmaker(settings)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def alembic_config(settings: Settings) -> Config:
+    """Alembic configuration pointing at this repository's migrations and ``settings``' database."""
+    config = Config(str(ALEMBIC_INI))
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # migrations/env.py reads these attributes; the URL never comes from alembic.ini.
+    config.attributes["database_url"] = settings.database_url
+    config.attributes["settings"] = settings
+    return config
+
+
+def upgrade_database(settings: Settings, revision: str = "head") -> None:
+    """Apply migrations up to ``revision`` (creating the SQLite folder when needed)."""
+    if settings.is_sqlite:
+        settings.ensure_data_dir()
+    command.upgrade(alembic_config(settings), revision)
+
+
+def downgrade_database(settings: Settings, revision: str) -> None:
+    """Revert migrations down to ``revision`` (``base`` removes every table)."""
+    command.downgrade(alembic_config(settings), revision)

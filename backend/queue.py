@@ -1,0 +1,64 @@
+"""Celery client used by the API: sends tasks by name, after the database commit.
+
+This module never imports the worker package or torch; the worker registers the task names and
+the web process only knows them as strings. The message carries ids only; the database row is
+the truth.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+from kombu import Connection
+from sqlalchemy.orm import Session
+
+from backend.config import Settings
+from backend.db import run_after_commit
+
+logger = logging.getLogger(__name__)
+
+HEALTH_QUEUE = "tessera.health"
+
+
+@lru_cache
+def _client(broker_url: str) -> Celery:
+    app = Celery("tessera-client", broker=broker_url)
+    app.conf.update(task_ignore_result=True, broker_connection_retry_on_startup=False)
+    return app
+
+
+def celery_client(settings: Settings) -> Celery:
+    """The process-wide Celery client for ``settings.broker_url``."""
+    return _client(settings.broker_url)
+
+
+def enqueue(settings: Settings, name: str, *args: Any) -> None:
+    """Send task ``name`` with positional ``args`` now. Call only after the data it needs is committed."""
+    celery_client(settings).send_task(name, args=list(args))
+    logger.info("enqueued %s %s", name, args)
+
+
+def enqueue_after_commit(session: Session, settings: Settings, name: str, *args: Any) -> None:
+    """Send task ``name`` once the session's transaction commits; nothing is sent if it rolls back.
+
+    Sending before the commit would let a fast worker look for a row that does not exist yet.
+    """
+    run_after_commit(session, lambda: enqueue(settings, name, *args))
+
+
+def broker_reachable(settings: Settings, timeout: float) -> bool:
+    """True when a connection to the broker can be opened within ``timeout`` seconds (for /healthz)."""
+    try:
+        with Connection(
+            settings.broker_url, connect_timeout=timeout, transport_options={"max_retries": 0}
+        ) as conn:
+            conn.ensure_connection(max_retries=0, timeout=timeout)
+            # Declaring a queue is a real round trip on every transport (the SQL one connects lazily).
+            conn.default_channel.queue_declare(queue=HEALTH_QUEUE, passive=False)
+            return True
+    except Exception as exc:  # any failure means "not reachable"; the reason goes to the log
+        logger.warning("broker not reachable: %s", exc)
+        return False
