@@ -100,10 +100,27 @@ def configure_logging(settings: Settings) -> None:
     root.setLevel(settings.log_level.upper())
 
 
-def _route_template(scope: Scope) -> str:
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    return path if isinstance(path, str) and path else UNMATCHED_ROUTE
+def route_template(scope: Scope) -> str:
+    """The matched route's template (``/api/v1/tokens/{token_id}``), or ``<unmatched>``.
+
+    Rebuilt from the matched path parameters, because with nested routers the route object only
+    knows its path relative to its router.
+    """
+    if scope.get("endpoint") is None and scope.get("route") is None:
+        return UNMATCHED_ROUTE
+    app_root = scope.get("app_root_path", "")
+    mount_prefix = scope.get("root_path", "")[len(app_root) :]
+    if mount_prefix:
+        # A mounted app (static files): one label for everything below the mount point.
+        return f"{mount_prefix}/{{path}}"
+    path: str = scope.get("path", "")
+    params = scope.get("path_params") or {}
+    for name, value in params.items():
+        segment = f"/{value}"
+        index = path.rfind(segment)
+        if index >= 0:
+            path = f"{path[:index]}/{{{name}}}{path[index + len(segment):]}"
+    return path
 
 
 class ObservabilityMiddleware:
@@ -146,7 +163,7 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, send_with_headers)
         finally:
             duration = time.perf_counter() - started
-            route = _route_template(scope)
+            route = route_template(scope)
             method = scope.get("method", "")
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.latency.labels(method, route).observe(duration)

@@ -12,13 +12,21 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
 from backend.config import Settings
+from backend.db import upgrade_database
+from backend.errors import AppError
+from backend.services.users import ensure_first_admin
+from worker.celery_app import celery_app
 
 #: Seconds the children get to finish after a stop request before they are killed.
 SHUTDOWN_TIMEOUT_SECONDS = 30.0
@@ -139,15 +147,56 @@ def banner(settings: Settings, admin_password: str | None) -> str:
     return "\n".join(lines)
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why the web server could not listen on ``host:port``, or None when it can.
+
+    Checked before migrating so that the most common first-run problem (another server on the
+    port) gets a plain answer instead of a child's traceback.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            # Same option uvicorn uses: a port left in TIME_WAIT by a previous run is fine.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        return (
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}). Stop whatever uses it, "
+            "or choose another address with TESSERA_HOST / TESSERA_PORT."
+        )
+    return None
+
+
 def serve(settings: Settings) -> int:
     """Migrate, create the first admin, run web server + worker until stopped; return an exit code."""
-    from backend.db import upgrade_database
-    from backend.services.users import ensure_first_admin
-    from worker.celery_app import celery_app
-
+    problem = port_problem(settings.host, settings.port)
+    if problem:
+        print(f"tessera: {problem}", file=sys.stderr, flush=True)
+        return 1
     settings.ensure_data_dir()
-    upgrade_database(settings)
-    admin_password = ensure_first_admin(settings)
+    try:
+        upgrade_database(settings)
+        admin_password = ensure_first_admin(settings)
+    except AppError as exc:
+        print(
+            f"tessera: cannot create the first admin: {exc.detail}\n"
+            "Fix TESSERA_ADMIN_USERNAME / TESSERA_ADMIN_PASSWORD (unset the password to get one generated).",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+    except SQLAlchemyError as exc:
+        database = make_url(settings.database_url).render_as_string(hide_password=True)
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        print(
+            f"tessera: cannot prepare the database {database}: {reason}\n"
+            "Check TESSERA_DATABASE_URL (or DATABASE_URL) and that the database server is running.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     print(banner(settings, admin_password), flush=True)
     commands = child_commands(settings, with_beat=bool(celery_app.conf.beat_schedule))
     return supervise(commands, child_environment(settings))
@@ -203,7 +252,8 @@ def supervise(
 
     def on_signal(signum: int, _frame: object) -> None:
         if not received:
-            print("\ntessera: stopping (Ctrl-C again stops immediately)...", file=sys.stderr, flush=True)
+            # os.write, not print: the handler may interrupt a print to the same stream.
+            os.write(sys.stderr.fileno(), b"\ntessera: stopping (Ctrl-C again stops immediately)...\n")
         received.append(signum)
         for child in children:
             _send(child, signum)

@@ -17,7 +17,7 @@ from backend.config import Settings
 from backend.db import get_session
 from backend.errors import Forbidden, NotFound, Unauthorized
 from backend.models import User
-from backend.services.auth import Principal, resolve_principal
+from backend.services.auth import Principal, Viewer, resolve_principal
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -31,14 +31,14 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_optional_principal(request: Request, session: SessionDep, settings: SettingsDep) -> Principal | None:
-    """Who is calling, or None for anonymous requests (also kept on ``request.state`` for templates)."""
+    """Who is calling, or None for anonymous requests (a plain snapshot is kept for page templates)."""
     principal = resolve_principal(
         session,
         settings,
         authorization=request.headers.get("authorization"),
         session_cookie=request.cookies.get(settings.session_cookie_name),
     )
-    request.state.principal = principal
+    request.state.viewer = Viewer.of(principal) if principal else None
     return principal
 
 

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from backend.config import Settings
 from backend.errors import TooManyRequests, Unauthorized
-from backend.models import ApiToken, LoginAttempt, User, UserSession, utcnow
+from backend.models import ApiToken, LoginAttempt, Role, User, UserSession, utcnow
 from backend.security import burn_password_check, hash_password, password_hasher
 from backend.services import sessions as session_service
 from backend.services import tokens as token_service
@@ -37,6 +37,31 @@ class Principal:
     def via_session(self) -> bool:
         """True when authenticated by the session cookie (and therefore subject to CSRF checks)."""
         return self.session is not None
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """A plain snapshot of the caller for page rendering, usable after the transaction has ended.
+
+    Error pages are rendered after a rollback, when ORM objects are expired and detached.
+    """
+
+    id: int
+    username: str
+    role: Role
+    csrf_token: str
+
+    @property
+    def is_admin(self) -> bool:
+        """True for administrators."""
+        return self.role == Role.ADMIN
+
+    @classmethod
+    def of(cls, principal: Principal) -> Viewer:
+        """Snapshot ``principal`` (the CSRF token only exists for browser sessions)."""
+        user = principal.user
+        csrf_token = principal.session.csrf_secret if principal.session else ""
+        return cls(id=user.id, username=user.username, role=user.role, csrf_token=csrf_token)
 
 
 def throttle_retry_after(session: Session, settings: Settings, username: str, now: datetime) -> int | None:

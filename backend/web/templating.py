@@ -95,11 +95,11 @@ def render(
 ) -> HTMLResponse:
     """Render a page or fragment with the base layout's context; consumes pending flash messages."""
     settings: Settings = request.app.state.settings
-    principal = getattr(request.state, "principal", None)
+    viewer = getattr(request.state, "viewer", None)
     flashes = _read_flashes(request, settings)
     full_context: dict[str, Any] = {
-        "user": principal.user if principal else None,
-        "csrf_token": principal.session.csrf_secret if principal and principal.session else "",
+        "user": viewer,
+        "csrf_token": viewer.csrf_token if viewer else "",
         "flashes": flashes,
         "active": "",
         "error": None,
