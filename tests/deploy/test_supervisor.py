@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from backend.config import Settings
-from backend.supervisor import banner, child_commands, child_environment
+from backend.supervisor import banner, child_commands, child_environment, serve
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -194,3 +195,45 @@ def test_commands_environment_and_banner(tmp_path: Path, monkeypatch: pytest.Mon
     configured = Settings(data_dir=tmp_path, admin_password="configured-secret")
     assert "TESSERA_ADMIN_PASSWORD" in banner(configured, None)
     assert "configured-secret" not in banner(configured, None)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_refuses_a_busy_port_before_touching_the_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as other_server:
+        other_server.bind(("127.0.0.1", 0))
+        other_server.listen()
+        port = other_server.getsockname()[1]
+        code = serve(Settings(data_dir=tmp_path, host="127.0.0.1", port=port))
+
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert not (tmp_path / "tessera.db").exists()
+
+
+def test_serve_explains_an_unreachable_database_without_its_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Port 1 on localhost: nothing listens there, the connection is refused at once.
+    url = "postgresql+psycopg://tessera:hunter2@127.0.0.1:1/tessera"
+    code = serve(Settings(data_dir=tmp_path, database_url=url, port=free_port()))
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "cannot prepare the database postgresql+psycopg://tessera:***@127.0.0.1:1/tessera" in err
+    assert "hunter2" not in err
+
+
+def test_serve_rejects_an_unusable_configured_admin_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = serve(Settings(data_dir=tmp_path, admin_password="short", port=free_port()))
+
+    assert code == 1
+    assert "cannot create the first admin" in capsys.readouterr().err
