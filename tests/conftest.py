@@ -106,12 +106,14 @@ def settings(db_url: str, broker_url: str, tmp_path: Path) -> Iterator[Settings]
 
 
 class SyncClient:
-    """A synchronous facade over ``httpx.AsyncClient`` + ``ASGITransport`` (cookies persist like a browser)."""
+    """Synchronous facade over ``httpx.AsyncClient`` + ``ASGITransport``; cookies persist like a browser."""
 
-    def __init__(self, app: Any, portal: anyio.from_thread.BlockingPortal) -> None:
+    def __init__(
+        self, app: Any, portal: anyio.from_thread.BlockingPortal, base_url: str = "http://testserver"
+    ) -> None:
         self.app = app
         self._portal = portal
-        self._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+        self._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url)
 
     @property
     def cookies(self) -> httpx.Cookies:
@@ -151,13 +153,15 @@ def portal() -> Iterator[anyio.from_thread.BlockingPortal]:
 
 
 @pytest.fixture
-def make_client(settings: Settings, portal: anyio.from_thread.BlockingPortal) -> Iterator[Callable[..., SyncClient]]:
+def make_client(
+    settings: Settings, portal: anyio.from_thread.BlockingPortal
+) -> Iterator[Callable[..., SyncClient]]:
     """Factory of independent clients (separate cookie jars) on the app; pass settings for a different app."""
     app = create_app(settings)
     clients: list[SyncClient] = []
 
-    def factory(app_settings: Settings | None = None) -> SyncClient:
-        client = SyncClient(create_app(app_settings) if app_settings else app, portal)
+    def factory(app_settings: Settings | None = None, base_url: str = "http://testserver") -> SyncClient:
+        client = SyncClient(create_app(app_settings) if app_settings else app, portal, base_url)
         clients.append(client)
         return client
 
@@ -190,7 +194,11 @@ def make_user(settings: Settings) -> Callable[..., TestUser]:
     counter = iter(range(1, 10_000))
 
     def factory(
-        username: str | None = None, *, password: str = TEST_PASSWORD, role: Role = Role.MEMBER, active: bool = True
+        username: str | None = None,
+        *,
+        password: str = TEST_PASSWORD,
+        role: Role = Role.MEMBER,
+        active: bool = True,
     ) -> TestUser:
         name = username or f"user{next(counter)}"
         with session_scope(settings) as session:
@@ -240,7 +248,9 @@ def bearer() -> Callable[[SyncClient, TestUser], dict[str, str]]:
     """Get an access token with the OAuth2 password flow; returns the Authorization header."""
 
     def get_header(client: SyncClient, user: TestUser) -> dict[str, str]:
-        response = client.post("/api/v1/auth/token", data={"username": user.username, "password": user.password})
+        response = client.post(
+            "/api/v1/auth/token", data={"username": user.username, "password": user.password}
+        )
         assert response.status_code == 200, response.text
         return {"Authorization": f"Bearer {response.json()['access_token']}"}
 

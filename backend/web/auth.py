@@ -126,9 +126,6 @@ def login(
         samesite="lax",
         secure=settings.cookie_secure,
     )
-    response.delete_cookie(
-        csrf.LOGIN_CSRF_COOKIE, httponly=True, samesite="lax", secure=settings.cookie_secure
-    )
     return response
 
 

@@ -45,7 +45,9 @@ def test_expired_access_token_is_rejected(client, make_user, bearer, settings):
     assert client.get("/api/v1/users/me", headers=header).status_code == 200
     with session_scope(settings) as session:
         session.execute(
-            update(ApiToken).where(ApiToken.kind == TokenKind.ACCESS).values(expires_at=utcnow() - timedelta(seconds=1))
+            update(ApiToken)
+            .where(ApiToken.kind == TokenKind.ACCESS)
+            .values(expires_at=utcnow() - timedelta(seconds=1))
         )
     assert client.get("/api/v1/users/me", headers=header).status_code == 401
 
@@ -87,14 +89,20 @@ def test_throttle_lifts_when_failures_leave_the_window(client, make_user, settin
     user = make_user("frank")
     for _ in range(settings.login_max_failures):
         client.post("/api/v1/auth/token", data={"username": "frank", "password": "wrong-password"})
-    assert client.post("/api/v1/auth/token", data={"username": "frank", "password": user.password}).status_code == 429
+    assert (
+        client.post("/api/v1/auth/token", data={"username": "frank", "password": user.password}).status_code
+        == 429
+    )
 
     # Age the recorded failures past the window, as if the time had passed.
     with session_scope(settings) as session:
         session.execute(
             update(LoginAttempt).values(at=utcnow() - timedelta(seconds=settings.login_window_seconds + 5))
         )
-    assert client.post("/api/v1/auth/token", data={"username": "frank", "password": user.password}).status_code == 200
+    assert (
+        client.post("/api/v1/auth/token", data={"username": "frank", "password": user.password}).status_code
+        == 200
+    )
 
 
 def test_failed_attempts_are_recorded_despite_the_error_response(client, make_user, settings):

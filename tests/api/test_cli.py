@@ -28,7 +28,9 @@ def cli_env(settings, monkeypatch):
 
 def test_user_create_list_and_deactivate(cli_env):
     runner = CliRunner()
-    created = runner.invoke(app, ["user", "create", "Alice", "--admin", "--password-stdin"], input="s3cret-pass\n")
+    created = runner.invoke(
+        app, ["user", "create", "Alice", "--admin", "--password-stdin"], input="s3cret-pass\n"
+    )
     assert created.exit_code == 0, created.output
     assert "Created admin 'alice'" in created.output
     with session_scope(cli_env) as session:
@@ -62,7 +64,9 @@ def test_user_create_rejects_a_short_password_and_non_interactive_prompt(cli_env
 def test_set_password_signs_the_user_out(cli_env, client, make_user, login):
     user = make_user("carol")
     login(client, user)
-    result = CliRunner().invoke(app, ["user", "set-password", "carol", "--password-stdin"], input="brand-new-pass\n")
+    result = CliRunner().invoke(
+        app, ["user", "set-password", "carol", "--password-stdin"], input="brand-new-pass\n"
+    )
     assert result.exit_code == 0, result.output
     assert client.get("/api/v1/users/me").status_code == 401
     with session_scope(cli_env) as session:

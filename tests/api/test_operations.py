@@ -21,7 +21,10 @@ def test_metrics_count_requests_by_route_template(client, make_user, bearer):
     client.delete("/api/v1/tokens/12345", headers=auth)
     client.get("/no/such/page")
     text = client.get("/metrics").text
-    assert 'tessera_http_requests_total{method="DELETE",route="/api/v1/tokens/{token_id}",status="404"} 1.0' in text
+    assert (
+        'tessera_http_requests_total{method="DELETE",route="/api/v1/tokens/{token_id}",status="404"} 1.0'
+        in text
+    )
     assert 'tessera_http_requests_total{method="POST",route="/api/v1/auth/token",status="200"} 1.0' in text
     assert 'route="<unmatched>",status="404"' in text
     assert "tessera_http_request_duration_seconds_bucket" in text
@@ -68,5 +71,5 @@ def test_openapi_and_docs_are_served_locally(client):
     docs = client.get("/docs")
     assert docs.status_code == 200
     assert "/static/vendor/swagger-ui/swagger-ui-bundle.js" in docs.text
-    assert "http" not in docs.text.split("<body>")[0].replace('http-equiv', '')
+    assert "http" not in docs.text.split("<body>")[0].replace("http-equiv", "")
     assert client.get("/static/vendor/swagger-ui/swagger-ui-bundle.js").status_code == 200

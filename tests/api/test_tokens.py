@@ -56,7 +56,10 @@ def test_another_users_token_cannot_be_revoked(client, make_user, bearer):
     assert attempt.json()["error"] == "not_found"
     assert client.get("/api/v1/tokens", headers=intruder_auth).json() == []
     # Still valid for its owner.
-    assert client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {token['token']}"}).status_code == 200
+    assert (
+        client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {token['token']}"}).status_code
+        == 200
+    )
 
 
 def test_blank_token_name_is_rejected_in_the_error_shape(client, make_user, bearer):

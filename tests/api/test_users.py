@@ -12,13 +12,17 @@ def test_admin_lists_creates_and_deactivates(client, make_user, bearer):
     admin = make_user("root", role=Role.ADMIN)
     auth = bearer(client, admin)
 
-    created = client.post("/api/v1/users", json={"username": "New.User", "password": "long-enough-pw"}, headers=auth)
+    created = client.post(
+        "/api/v1/users", json={"username": "New.User", "password": "long-enough-pw"}, headers=auth
+    )
     assert created.status_code == 201
     new = created.json()
     assert new["username"] == "new.user"
     assert new["role"] == "member" and new["is_active"] is True
 
-    duplicate = client.post("/api/v1/users", json={"username": "NEW.user", "password": "long-enough-pw"}, headers=auth)
+    duplicate = client.post(
+        "/api/v1/users", json={"username": "NEW.user", "password": "long-enough-pw"}, headers=auth
+    )
     assert duplicate.status_code == 409
     assert duplicate.json()["error"] == "conflict"
 
