@@ -141,7 +141,9 @@ class PatchGDConfig(_ConfigMixin):
         _check_common(self)
         _check_int("patch_size", self.patch_size, 8)
         if self.image_size % self.patch_size:
-            raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ConfigError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
         if self.sampling is not None and self.patches_per_step is not None:
             raise ConfigError("give either sampling or patches_per_step, not both")
         if self.sampling is not None and (

@@ -66,7 +66,9 @@ class PatchGrid:
         if self.patch_size <= 0 or self.image_size <= 0:
             raise ValueError("image_size and patch_size must be positive")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
 
     @property
     def n(self) -> int:
@@ -114,6 +116,21 @@ class PatchGrid:
         batch_index = torch.arange(batch, device=images.device).unsqueeze(1)
         return tiles[batch_index, :, rows, :, cols]
 
+    def scatter(self, z: torch.Tensor, indices: torch.Tensor, features: torch.Tensor) -> None:
+        """Write features ``[B, k, D]`` into the latent map ``z`` ``[B, D, n, n]`` in place.
+
+        ``indices`` is ``[k]`` or ``[B, k]`` as for ``extract``; cell (row, col) of patch i is
+        ``z[:, :, i // n, i % n]``. Features are cast to Z's dtype (bf16 autocast output into a
+        float32 Z) and keep their autograd graph.
+        """
+        rows, cols = self.rows_cols(indices.to(z.device))
+        features = features.to(z.dtype)
+        if indices.ndim == 1:
+            z[:, :, rows, cols] = features.transpose(1, 2)
+        else:
+            batch_index = torch.arange(z.shape[0], device=z.device).unsqueeze(1)
+            z[batch_index, :, rows, cols] = features
+
     def all_patches(self, images: torch.Tensor) -> torch.Tensor:
         """Every patch of every image in row-major order: ``[B * n * n, C, P, P]``.
 
@@ -123,6 +140,12 @@ class PatchGrid:
         p, n = self.patch_size, self.n
         tiles = images.reshape(batch, channels, n, p, n, p).permute(0, 2, 4, 1, 3, 5)
         return tiles.reshape(batch * n * n, channels, p, p)
+
+
+def as_batch(patches: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """``[B, k, C, P, P]`` patches as one ``[B*k, C, P, P]`` network batch on ``device``."""
+    flat = patches.to(device, non_blocking=True).flatten(0, 1)
+    return flat.contiguous(memory_format=torch.channels_last) if channels_last else flat
 
 
 @runtime_checkable

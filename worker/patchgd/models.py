@@ -8,7 +8,7 @@ or a weights-only state dict), never an arbitrary pickle.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +19,7 @@ import torchvision.models as tvm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .grid import PatchGrid
+from .grid import PatchGrid, PatchSource, as_batch
 
 if TYPE_CHECKING:
     from .config import BaselineConfig, PatchGDConfig
@@ -57,7 +57,9 @@ BACKBONES: dict[str, BackboneSpec] = {
     "mobilenet_v3_large": BackboneSpec(
         tvm.mobilenet_v3_large, 960, "classifier", "features.0.0", ("classifier.",)
     ),
-    "efficientnet_b0": BackboneSpec(tvm.efficientnet_b0, 1280, "classifier", "features.0.0", ("classifier.",)),
+    "efficientnet_b0": BackboneSpec(
+        tvm.efficientnet_b0, 1280, "classifier", "features.0.0", ("classifier.",)
+    ),
     # ConvNeXt's classifier starts with a LayerNorm that belongs to the trunk: only the Linear goes.
     "convnext_tiny": BackboneSpec(tvm.convnext_tiny, 768, "classifier.2", "features.0.0", ("classifier.2.",)),
 }
@@ -143,14 +145,20 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _describe_mismatch(missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
     parts = []
-    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+    for title, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches", shapes),
+    ):
         if items:
             shown = ", ".join(items[:10]) + (f" (and {len(items) - 10} more)" if len(items) > 10 else "")
             parts.append(f"{title}: {shown}")
     return "; ".join(parts)
 
 
-def _as_model_keys(module: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
+def _as_model_keys(
+    module: nn.Module, state: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Map a file's keys onto ``module``'s and say which of the module's keys may stay fresh.
 
     A ``Backbone`` or ``BaselineModel`` accepts our own exports (``trunk.*`` keys) or a plain
@@ -219,7 +227,13 @@ class PatchGDHead(nn.Module):
     """
 
     def __init__(
-        self, latent_dim: int, num_classes: int, grid_n: int, *, kind: str = "reference", width: int = 256,
+        self,
+        latent_dim: int,
+        num_classes: int,
+        grid_n: int,
+        *,
+        kind: str = "reference",
+        width: int = 256,
         dropout: float = 0.2,
     ) -> None:
         super().__init__()
@@ -273,6 +287,28 @@ class PatchGDModel(nn.Module):
         """Latent map ``[B, D, n, n]`` to logits ``[B, classes]``."""
         return self.head(z)
 
+    def fill_latent(
+        self, source: PatchSource, chunk_order: Iterable[torch.Tensor], *, channels_last: bool = False
+    ) -> torch.Tensor:
+        """Z ``[B, D, n, n]`` with every chunk of positions in ``chunk_order`` encoded, chunk by chunk.
+
+        Meant for ``torch.no_grad`` (the PatchGD fill pass and prediction): only one chunk of
+        patches is in memory at a time, so a streaming source never materialises the image. Z is
+        kept in the parameters' dtype (float32) even under bf16 autocast: it is tiny, and the head
+        then sees the same values whatever precision the backbone ran in.
+        """
+        grid = source.grid
+        parameter = next(self.parameters())
+        z = torch.zeros(
+            source.batch_size, self.latent_dim, grid.n, grid.n, device=parameter.device, dtype=parameter.dtype
+        )
+        for chunk in chunk_order:
+            patches = source.patches(chunk)
+            batch, k = patches.shape[:2]
+            features = self.encode(as_batch(patches, parameter.device, channels_last)).reshape(batch, k, -1)
+            grid.scatter(z, chunk, features)
+        return z
+
     def latent_map(self, images: torch.Tensor) -> torch.Tensor:
         """Z ``[B, D, n, n]`` of full images, every patch encoded in one batch (row-major cells)."""
         batch, n = images.shape[0], self.grid.n
@@ -291,7 +327,9 @@ class PatchGDModel(nn.Module):
 class BaselineModel(nn.Module):
     """The full-image baseline: a catalog trunk on the whole image and a Linear classifier."""
 
-    def __init__(self, name: str, num_classes: int, *, in_channels: int = 3, gradient_checkpointing: bool = False):
+    def __init__(
+        self, name: str, num_classes: int, *, in_channels: int = 3, gradient_checkpointing: bool = False
+    ):
         super().__init__()
         self.name = name
         self.trunk = _build_trunk(name, in_channels)
@@ -341,7 +379,10 @@ def build_patchgd_model(cfg: PatchGDConfig, *, load_pretrained: bool = True) -> 
 def build_baseline_model(cfg: BaselineConfig, *, load_pretrained: bool = True) -> BaselineModel:
     """The baseline model a config describes (pretrained trunk weights loaded if configured)."""
     model = BaselineModel(
-        cfg.backbone, cfg.num_classes, in_channels=cfg.in_channels, gradient_checkpointing=cfg.gradient_checkpointing
+        cfg.backbone,
+        cfg.num_classes,
+        in_channels=cfg.in_channels,
+        gradient_checkpointing=cfg.gradient_checkpointing,
     )
     if load_pretrained and cfg.pretrained_weights is not None:
         load_weights(model, cfg.pretrained_weights)

@@ -7,19 +7,31 @@ schedules, progress, evaluation, checkpoints, cancellation). Read ``patchgd_step
 from __future__ import annotations
 
 import contextlib
-import math
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from .config import BaselineConfig, PatchGDConfig
-from .grid import PatchSource
+from .grid import PatchSource, TensorPatchSource, as_batch
+from .infer import predict_logits
+from .metrics import classification_report
+from .models import build_baseline_model, build_patchgd_model
 
 
 @dataclass
@@ -42,7 +54,9 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def autocast_context(cfg: PatchGDConfig | BaselineConfig, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast_context(
+    cfg: PatchGDConfig | BaselineConfig, device: torch.device
+) -> contextlib.AbstractContextManager:
     """bf16 autocast when the config asks for it on this device, otherwise a no-op."""
     if cfg.use_bf16(device.type):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -108,50 +122,6 @@ def _inner_chunks(
             yield chunk
 
 
-def _prepare(patches: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """``[B, k, C, P, P]`` patches as one ``[B*k, C, P, P]`` batch on the model's device."""
-    flat = patches.to(device, non_blocking=True).flatten(0, 1)
-    return flat.contiguous(memory_format=torch.channels_last) if channels_last else flat
-
-
-def _write_cells(z: torch.Tensor, chunk: torch.Tensor, features: torch.Tensor, grid_n: int) -> None:
-    """Write features ``[B, k, D]`` into Z ``[B, D, n, n]`` at the chunk's cells (in place)."""
-    rows = torch.div(chunk, grid_n, rounding_mode="floor").to(z.device)
-    cols = (chunk % grid_n).to(z.device)
-    features = features.to(z.dtype)
-    if chunk.ndim == 1:
-        z[:, :, rows, cols] = features.transpose(1, 2)
-    else:
-        batch_index = torch.arange(z.shape[0], device=z.device).unsqueeze(1)
-        z[batch_index, :, rows, cols] = features
-
-
-def fill_latent(
-    model: nn.Module,
-    source: PatchSource,
-    chunk_order: Iterable[torch.Tensor],
-    *,
-    device: torch.device,
-    channels_last: bool = False,
-) -> torch.Tensor:
-    """Z ``[B, D, n, n]`` (parameter dtype, no graph) with every listed chunk encoded.
-
-    Z stays in the parameters' dtype (float32) even under bf16 autocast: it is tiny, and the
-    head then sees the same values whatever precision the backbone ran in.
-
-    Called under ``torch.no_grad``: only k patches' activations exist at any time.
-    """
-    grid = source.grid
-    dtype = next(model.parameters()).dtype
-    z = torch.zeros(source.batch_size, model.latent_dim, grid.n, grid.n, device=device, dtype=dtype)
-    for chunk in chunk_order:
-        patches = source.patches(chunk)
-        batch, k = patches.shape[:2]
-        features = model.encode(_prepare(patches, device, channels_last)).reshape(batch, k, -1)
-        _write_cells(z, chunk, features, grid.n)
-    return z
-
-
 def patchgd_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -186,7 +156,7 @@ def patchgd_step(
 
     with torch.no_grad(), autocast:
         order = _patch_order(grid.num_patches, batch, cfg.per_image_positions, generator)
-        z = fill_latent(model, source, _chunks(order, k), device=device, channels_last=channels_last)
+        z = model.fill_latent(source, _chunks(order, k), channels_last=channels_last)
     encoded = batch * grid.num_patches
 
     optimizer.zero_grad(set_to_none=True)
@@ -200,7 +170,9 @@ def patchgd_step(
         z = z.detach()
         with autocast:
             patches = source.patches(chunk)
-            features = model.encode(_prepare(patches, device, channels_last)).reshape(batch, chunk.shape[-1], -1)
+            features = model.encode(as_batch(patches, device, channels_last)).reshape(
+                batch, chunk.shape[-1], -1
+            )
             if window > 1:
                 # Weights are frozen inside an accumulation window, so the window's summed
                 # gradient is the full-image gradient taken chunk by chunk. The head sees every
@@ -211,7 +183,7 @@ def patchgd_step(
                 # forward values are untouched. With window = 1 (stale-Z regime) nothing changes.
                 features.register_hook(lambda grad, scale=float(window): grad * scale)
             # Never detach `features`: that would cut every gradient to the backbone.
-            _write_cells(z, chunk, features, grid.n)
+            grid.scatter(z, chunk, features)
             logits = model.classify(z)
         loss = F.cross_entropy(_at_least_fp32(logits), labels)
         (loss / window).backward()
@@ -262,5 +234,291 @@ def baseline_step(
         num_images=images.shape[0],
         num_patches_encoded=0,
         optimizer_steps=1,
+        seconds=time.perf_counter() - started,
+    )
+
+
+@dataclass
+class Progress:
+    """A snapshot sent to ``on_progress`` after every step."""
+
+    epoch: int
+    step: int
+    total_steps: int
+    fraction: float
+    images_per_s: float
+    patches_per_s: float
+    eta_seconds: float
+    loss: float
+    lr: float
+    peak_memory_bytes: int
+
+
+@dataclass
+class EpochMetrics:
+    """Per-epoch results sent to ``on_epoch_end`` and kept in the run history."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float | None
+    val_accuracy: float | None
+    val_qwk: float | None
+    val_report: dict | None
+    lr: float
+    images_per_s: float
+    patches_per_s: float
+    peak_memory_bytes: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict."""
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """How a run ended and what it produced.
+
+    ``status``: "succeeded" (all epochs), "cancelled" (``should_stop`` returned True) or
+    "stopped" (``max_steps`` reached). ``final`` is the evaluation of the final model on the
+    held-out loader (not the best epoch), or None without one.
+    """
+
+    status: str
+    model: nn.Module
+    epochs_completed: int
+    steps: int
+    history: list[EpochMetrics] = field(default_factory=list)
+    final: dict | None = None
+    checkpoint_path: Path | None = None
+    seconds: float = 0.0
+
+
+CHECKPOINT_NAME = "last.pt"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every global RNG a run touches (torch incl. CUDA, numpy, Python)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA peak allocated bytes on a GPU; the process resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(psutil.Process().memory_info().rss)
+
+
+def evaluate(
+    model: nn.Module, loader: Iterable, cfg: PatchGDConfig | BaselineConfig, device: torch.device
+) -> dict[str, Any]:
+    """Loss and classification report of ``model`` over a loader, in eval mode (no gradients)."""
+    dtype = torch.bfloat16 if cfg.use_bf16(device.type) else None
+    total_loss, count = 0.0, 0
+    y_true: list[int] = []
+    y_pred: list[int] = []
+    for images, labels in loader:
+        logits = predict_logits(model, images, device=device, autocast_dtype=dtype)
+        total_loss += F.cross_entropy(logits, labels.cpu(), reduction="sum").item()
+        count += labels.shape[0]
+        y_true += labels.tolist()
+        y_pred += logits.argmax(dim=1).tolist()
+    report = classification_report(y_true, y_pred, cfg.num_classes)
+    report["loss"] = total_loss / count if count else None
+    return report
+
+
+def _check_resumable(state: dict[str, Any], cfg: PatchGDConfig | BaselineConfig) -> None:
+    if state.get("algorithm") != cfg.algorithm:
+        raise CheckpointError(f"the checkpoint is for {state.get('algorithm')}, this run is {cfg.algorithm}")
+    saved, current = state.get("config", {}), cfg.to_dict()
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed:
+        raise CheckpointError(
+            f"the checkpoint was written with different hyperparameters: {', '.join(changed)}"
+        )
+
+
+def train(
+    cfg: PatchGDConfig | BaselineConfig,
+    train_loader: Iterable,
+    val_loader: Iterable | None = None,
+    *,
+    device: torch.device | str,
+    on_progress: Callable[[Progress], None] | None = None,
+    on_epoch_end: Callable[[EpochMetrics], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    max_steps: int | None = None,
+) -> TrainResult:
+    """Train PatchGD or the baseline (by config type) and evaluate the final model.
+
+    ``train_loader`` yields ``(images [B, C, S, S] normalised float32, labels [B])``; for PatchGD
+    the images may also be any ``PatchSource`` (e.g. a streaming one). A ``torch.Generator``
+    attached to the loader (``DataLoader(generator=...)``) is seeded from ``cfg.seed`` and
+    checkpointed, so shuffling resumes exactly. A full-state checkpoint is written atomically to
+    ``checkpoint_dir/last.pt`` after every epoch; ``resume_from`` continues from one as if the run
+    had never stopped. ``should_stop`` is checked before every step (cancellation);
+    ``max_steps`` ends the run after that many steps in total.
+    """
+    started = time.perf_counter()
+    device = torch.device(device)
+    steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    if steps_per_epoch == 0:
+        raise ValueError("the training set is empty")
+    is_patchgd = isinstance(cfg, PatchGDConfig)
+
+    seed_everything(cfg.seed)
+    model = (build_patchgd_model(cfg) if is_patchgd else build_baseline_model(cfg)).to(device)
+    if cfg.use_channels_last(device.type):
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    # Patch positions get their own generator so that data loading (which may draw from the
+    # global RNG) never changes which patches a step samples.
+    sampler = torch.Generator().manual_seed(cfg.seed)
+    loader_generator = getattr(train_loader, "generator", None)
+    if isinstance(loader_generator, torch.Generator):
+        loader_generator.manual_seed(cfg.seed)
+
+    start_epoch, step = 0, 0
+    history: list[EpochMetrics] = []
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        _check_resumable(state, cfg)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        sampler.set_state(state["sampler_rng"])
+        if isinstance(loader_generator, torch.Generator) and state.get("loader_rng") is not None:
+            loader_generator.set_state(state["loader_rng"])
+        start_epoch, step = state["epoch"], state["step"]
+        history = [EpochMetrics(**item) for item in state["history"]]
+
+    total_steps = cfg.epochs * steps_per_epoch
+    if max_steps is not None:
+        total_steps = min(total_steps, max_steps)
+    checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    run_images = run_patches = run_steps = 0
+    run_step_seconds = 0.0
+    status = "succeeded"
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if max_steps is not None and step >= max_steps:
+            status = "stopped"
+            break
+        model.train()
+        epoch_started = time.perf_counter()
+        epoch_losses: list[float] = []
+        batches_done = 0
+        for images, labels in train_loader:
+            if should_stop is not None and should_stop():
+                status = "cancelled"
+                break
+            # Checked here, after the loader handed out the next batch, rather than right after
+            # a step: leaving an epoch's iterator before it is exhausted skips the shuffler's
+            # final RNG draw and a resumed run would then see a different data order.
+            if max_steps is not None and step >= max_steps:
+                status = "stopped"
+                break
+            if is_patchgd:
+                source = (
+                    images
+                    if isinstance(images, PatchSource)
+                    else TensorPatchSource(images.to(device), cfg.grid)
+                )
+                stats = patchgd_step(
+                    model, optimizer, source, labels, cfg, scheduler=scheduler, generator=sampler
+                )
+            else:
+                stats = baseline_step(model, optimizer, images, labels, cfg, scheduler=scheduler)
+            step += 1
+            run_steps += 1
+            batches_done += 1
+            epoch_losses.append(stats.loss)
+            run_images += stats.num_images
+            run_patches += stats.num_patches_encoded
+            run_step_seconds += stats.seconds
+            if on_progress is not None:
+                per_step = run_step_seconds / run_steps
+                on_progress(
+                    Progress(
+                        epoch=epoch,
+                        step=step,
+                        total_steps=total_steps,
+                        fraction=min(1.0, step / total_steps),
+                        images_per_s=run_images / run_step_seconds if run_step_seconds else 0.0,
+                        patches_per_s=run_patches / run_step_seconds if run_step_seconds else 0.0,
+                        eta_seconds=max(0, total_steps - step) * per_step,
+                        loss=stats.loss,
+                        lr=optimizer.param_groups[0]["lr"],
+                        peak_memory_bytes=peak_memory_bytes(device),
+                    )
+                )
+        if batches_done < steps_per_epoch:
+            # Cancelled or stopped mid-epoch: no evaluation, no checkpoint of a partial epoch.
+            if status == "succeeded":
+                status = "stopped"
+            break
+
+        val = evaluate(model, val_loader, cfg, device) if val_loader is not None else None
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=sum(epoch_losses) / len(epoch_losses),
+            val_loss=val["loss"] if val else None,
+            val_accuracy=val["accuracy"] if val else None,
+            val_qwk=val["qwk"] if val else None,
+            val_report=val,
+            lr=optimizer.param_groups[0]["lr"],
+            images_per_s=run_images / run_step_seconds if run_step_seconds else 0.0,
+            patches_per_s=run_patches / run_step_seconds if run_step_seconds else 0.0,
+            peak_memory_bytes=peak_memory_bytes(device),
+            seconds=time.perf_counter() - epoch_started,
+        )
+        history.append(metrics)
+        if checkpoint_path is not None:
+            # Written after evaluation so the saved RNG state is exactly where the next epoch
+            # starts (iterating a loader draws from the global RNG).
+            save_checkpoint(
+                {
+                    "algorithm": cfg.algorithm,
+                    "config": cfg.to_dict(),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": capture_rng_state(),
+                    "sampler_rng": sampler.get_state(),
+                    "loader_rng": loader_generator.get_state()
+                    if isinstance(loader_generator, torch.Generator)
+                    else None,
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "history": [item.to_dict() for item in history],
+                },
+                checkpoint_path,
+            )
+        if on_epoch_end is not None:
+            on_epoch_end(metrics)
+        if status != "succeeded":
+            break
+
+    epochs_completed = len(history)
+    if status == "stopped" and epochs_completed == cfg.epochs:
+        status = "succeeded"
+    final = history[-1].val_report if history and epochs_completed == cfg.epochs else None
+    return TrainResult(
+        status=status,
+        model=model,
+        epochs_completed=epochs_completed,
+        steps=step,
+        history=history,
+        final=final,
+        checkpoint_path=checkpoint_path if checkpoint_path is not None and checkpoint_path.exists() else None,
         seconds=time.perf_counter() - started,
     )
