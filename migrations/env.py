@@ -7,6 +7,8 @@ exactly one place where connection strings are configured.
 
 from __future__ import annotations
 
+from logging.config import fileConfig
+
 from alembic import context
 
 from backend.config import Settings
@@ -15,6 +17,11 @@ from backend.models import Base
 
 config = context.config
 target_metadata = Base.metadata
+
+# Only the plain `alembic` command configures logging from alembic.ini; when Tessera runs the
+# migrations itself, its own logging setup stays untouched.
+if config.config_file_name is not None and "database_url" not in config.attributes:
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 
 def _database_url() -> str:

@@ -41,6 +41,7 @@ def _login_page(
         request,
         "pages/login.html",
         {
+            "active": "login",
             "login_csrf": csrf.login_form_token(settings, cookie_value),
             "next_url": next_url,
             "username": username,
