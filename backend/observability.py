@@ -119,7 +119,7 @@ def route_template(scope: Scope) -> str:
         segment = f"/{value}"
         index = path.rfind(segment)
         if index >= 0:
-            path = f"{path[:index]}/{{{name}}}{path[index + len(segment):]}"
+            path = f"{path[:index]}/{{{name}}}{path[index + len(segment) :]}"
     return path
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import OAuth2PasswordBearer
 from sqlalchemy.orm import Session
 
 from backend import csrf
@@ -30,7 +31,17 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def get_optional_principal(request: Request, session: SessionDep, settings: SettingsDep) -> Principal | None:
+# Declares the bearer scheme in OpenAPI (the "Authorize" button of /docs); the header itself is
+# read by resolve_principal, which also accepts the session cookie.
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token", auto_error=False)
+
+
+def get_optional_principal(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    _bearer: Annotated[str | None, Security(oauth2_scheme)] = None,
+) -> Principal | None:
     """Who is calling, or None for anonymous requests (a plain snapshot is kept for page templates)."""
     principal = resolve_principal(
         session,
@@ -46,7 +57,12 @@ OptionalPrincipal = Annotated[Principal | None, Depends(get_optional_principal)]
 
 
 async def require_principal(request: Request, principal: OptionalPrincipal) -> Principal:
-    """The authenticated caller; unsafe cookie-authenticated requests must carry the session's CSRF token."""
+    """The authenticated caller; unsafe cookie-authenticated requests must carry the session's CSRF token.
+
+    The token is looked for in the ``X-CSRF-Token`` header first and only then in a form body;
+    endpoints that stream their request body themselves (large uploads) must therefore be sent
+    with the header, so that the check never consumes the stream.
+    """
     if principal is None:
         raise Unauthorized(headers={"WWW-Authenticate": "Bearer"})
     if request.method not in csrf.SAFE_METHODS and principal.session is not None:

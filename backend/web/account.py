@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
+from sqlalchemy.orm import Session
 
 from backend.api.deps import PrincipalDep, SessionDep, SettingsDep
 from backend.errors import AppError
@@ -22,7 +23,7 @@ class _FormError(ValueError):
     """A form field problem shown next to the form."""
 
 
-def _settings_context(principal: Principal, session: Any, **extra: Any) -> dict[str, Any]:
+def _settings_context(principal: Principal, session: Session, **extra: Any) -> dict[str, Any]:
     return {
         "active": "settings",
         "tokens": token_service.list_personal_tokens(session, principal.user),
@@ -36,7 +37,7 @@ def _settings_context(principal: Principal, session: Any, **extra: Any) -> dict[
 
 
 def _tokens_response(
-    request: Request, principal: Principal, session: Any, *, status_code: int = 200, **extra: Any
+    request: Request, principal: Principal, session: Session, *, status_code: int = 200, **extra: Any
 ) -> Response:
     context = _settings_context(principal, session, **extra)
     template = "partials/tokens_panel.html" if is_htmx(request) else "pages/settings.html"

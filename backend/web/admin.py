@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
+from sqlalchemy.orm import Session
 
 from backend.api.deps import AdminUser, SessionDep, SettingsDep
 from backend.errors import AppError, Invalid
@@ -17,7 +18,7 @@ router = APIRouter(prefix="/admin", tags=["pages"], include_in_schema=False)
 
 
 def _users_response(
-    request: Request, session: Any, admin: User, *, status_code: int = 200, **extra: Any
+    request: Request, session: Session, admin: User, *, status_code: int = 200, **extra: Any
 ) -> Response:
     context = {
         "active": "admin",

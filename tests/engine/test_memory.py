@@ -1,0 +1,147 @@
+"""Peak-memory measurement, the analytic model and the budget planner."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from worker.patchgd.config import BaselineConfig, PatchGDConfig
+from worker.patchgd.memory import (
+    GIB,
+    RssSampler,
+    activation_bytes_per_pixel,
+    allocate_and_touch,
+    estimate_baseline_bytes,
+    estimate_patchgd_bytes,
+    measure_peak,
+    patchgd_trial,
+    plan_baseline,
+    plan_patchgd,
+)
+
+MIB = 1 << 20
+
+
+def test_known_allocation_is_measured_in_a_child() -> None:
+    result = measure_peak(allocate_and_touch, 200 * MIB)
+    assert result.fits and result.status == "ok" and result.result == 200 * MIB
+    assert 195 * MIB <= result.peak_bytes <= 230 * MIB, result.peak_bytes / MIB
+    assert result.baseline_bytes > 50 * MIB  # the child's interpreter + torch, not counted in the peak
+
+
+def test_in_process_measurement_and_sampler() -> None:
+    result = measure_peak(allocate_and_touch, 120 * MIB, isolate=False)
+    assert result.fits and 110 * MIB <= result.peak_bytes <= 200 * MIB
+    with RssSampler() as sampler:
+        block = bytearray(64 * MIB)
+        block[:: 4096] = b"\x01" * len(block[::4096])
+    assert sampler.growth >= 60 * MIB
+    del block
+
+
+def test_failed_allocation_is_a_result_not_a_crash() -> None:
+    result = measure_peak(allocate_and_touch, 1 << 50)  # a petabyte: the allocation itself fails
+    assert not result.fits and result.status == "out_of_memory"
+    assert "MemoryError" in result.reason
+
+
+def test_limit_stops_a_growing_workload() -> None:
+    result = measure_peak(allocate_and_touch, 3 * GIB, 2.0, limit_bytes=300 * MIB)
+    assert result.status == "out_of_memory" and not result.fits
+    assert "over the limit" in result.reason
+
+
+def test_killed_and_failing_workloads_are_reported() -> None:
+    killed = measure_peak("signal:raise_signal", 9)
+    assert killed.status == "out_of_memory" and "SIGKILL" in killed.reason
+    failed = measure_peak("os:listdir", "/no/such/folder")
+    assert failed.status == "error" and "FileNotFoundError" in failed.reason
+    unknown = measure_peak("worker.patchgd.memory:no_such_function")
+    assert unknown.status == "error" and "cannot load workload" in unknown.reason
+
+
+def _small_cfg(**overrides) -> PatchGDConfig:
+    base = dict(
+        num_classes=3, backbone="mobilenet_v3_small", image_size=512, patch_size=128, patches_per_step=16,
+        batch_size=2, precision="fp32", channels_last=False,
+    )
+    return PatchGDConfig(**{**base, **overrides})
+
+
+def test_estimate_terms_scale_as_the_model_says() -> None:
+    cfg = _small_cfg()
+    small_k = estimate_patchgd_bytes(cfg, bytes_per_pixel=500.0, patches_per_step=4)
+    big_k = estimate_patchgd_bytes(cfg, bytes_per_pixel=500.0, patches_per_step=16)
+    assert big_k.terms["activations"] == 4 * small_k.terms["activations"] == int(16 * 2 * 500 * 128 * 128)
+    assert big_k.terms["params_grads_optimizer"] == small_k.terms["params_grads_optimizer"] > 0
+    streamed = estimate_patchgd_bytes(cfg, bytes_per_pixel=500.0, streaming=True)
+    assert streamed.terms["image_buffer"] < big_k.terms["image_buffer"] == 2 * 3 * 512 * 512 * 4
+    # PatchGD activations depend on k*P^2, not on S^2; the baseline's grow with S^2.
+    large = estimate_patchgd_bytes(dataclasses.replace(cfg, image_size=4096), bytes_per_pixel=500.0)
+    assert large.terms["activations"] == big_k.terms["activations"]
+    base = BaselineConfig(num_classes=3, backbone="mobilenet_v3_small", image_size=512, batch_size=1)
+    b512 = estimate_baseline_bytes(base, bytes_per_pixel=500.0)
+    b1024 = estimate_baseline_bytes(base, bytes_per_pixel=500.0, image_size=1024)
+    assert b1024.terms["activations"] == 4 * b512.terms["activations"]
+
+
+def test_planner_choice_is_measured_under_the_budget(tmp_path) -> None:
+    cfg = _small_cfg()
+    c = activation_bytes_per_pixel("mobilenet_v3_small", cache_file=tmp_path / "calibration.json")
+    assert 100 < c < 5000
+    assert (tmp_path / "calibration.json").is_file()
+    budget_gib = 0.25
+    wanted = estimate_patchgd_bytes(cfg, bytes_per_pixel=c)
+    assert wanted.total_bytes > budget_gib * GIB  # the requested k=16, batch 2 does not fit
+    plan = plan_patchgd(cfg, budget_gib, bytes_per_pixel=c)
+    assert plan.fits, plan.reason
+    assert plan.batch_size == 2 and plan.patches_per_step < 16  # k shrinks before the batch does
+    assert plan.predicted_bytes <= 0.85 * budget_gib * GIB
+    assert plan.measured_bytes is not None and plan.measured_bytes <= budget_gib * GIB
+    assert len(plan.trials) >= 1 and plan.trials[-1]["fits"]
+    planned = PatchGDConfig.from_dict(plan.config)
+    assert planned.k == plan.patches_per_step and planned.is_exact
+    # An independent measurement of the chosen settings agrees: under the budget.
+    again = measure_peak(patchgd_trial, plan.config, "cpu", 1)
+    assert again.fits and again.peak_bytes <= budget_gib * GIB
+
+
+def test_impossible_budget_does_not_fit() -> None:
+    plan = plan_patchgd(_small_cfg(), 0.01, bytes_per_pixel=500.0)
+    assert not plan.fits and plan.reason.startswith("does not fit")
+    assert "parameters, gradients and optimizer state" in plan.reason and plan.trials == []
+    base = BaselineConfig(num_classes=3, backbone="resnet50", image_size=512, batch_size=2)
+    plan_b = plan_baseline(base, 0.2, bytes_per_pixel=1900.0)
+    assert not plan_b.fits and "does not fit" in plan_b.reason
+    with pytest.raises(ValueError, match="positive number of GiB"):
+        plan_patchgd(_small_cfg(), -1)
+
+
+def test_baseline_planner_shrinks_batch_then_resolution() -> None:
+    base = BaselineConfig(num_classes=3, backbone="mobilenet_v3_small", image_size=512, batch_size=4)
+    batch_only = plan_baseline(base, 0.2, bytes_per_pixel=548.0, verify=False)
+    assert batch_only.fits and batch_only.image_size == 512 and 1 <= batch_only.batch_size < 4
+    resized = plan_baseline(base, 0.1, bytes_per_pixel=548.0, verify=False)
+    assert resized.fits and resized.batch_size == 1
+    assert resized.image_size < 512 and resized.image_size % 32 == 0
+    assert resized.predicted_bytes <= 0.85 * 0.1 * GIB
+    bigger = estimate_baseline_bytes(base, bytes_per_pixel=548.0, batch_size=1, image_size=resized.image_size + 32)
+    assert bigger.total_bytes > 0.85 * 0.1 * GIB  # the largest resolution that fits was chosen
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_measurement_and_budget() -> None:
+    from worker.patchgd.memory import enforce_budget
+
+    result = measure_peak(lambda: torch.ones(64 * MIB, device="cuda").sum().item(), device="cuda")
+    assert result.fits and 256 * MIB <= result.peak_bytes <= 300 * MIB
+    fraction = enforce_budget(1.0)
+    try:
+        failed = measure_peak(lambda: torch.empty(2 * GIB, dtype=torch.uint8, device="cuda"), device="cuda")
+        assert failed.status == "out_of_memory"
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert 0 < fraction <= 1
