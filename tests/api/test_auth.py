@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import statistics
+import time
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select, update
 
 from backend.db import session_scope
+from backend.errors import Unauthorized
 from backend.models import ApiToken, LoginAttempt, TokenKind, utcnow
-from backend.services.auth import INCORRECT_CREDENTIALS
+from backend.services.auth import INCORRECT_CREDENTIALS, authenticate
+from backend.services.users import create_user
 
 
 def test_password_flow_token_reads_me(client, make_user, settings):
@@ -112,3 +117,26 @@ def test_failed_attempts_are_recorded_despite_the_error_response(client, make_us
     with session_scope(settings) as session:
         rows = session.execute(select(LoginAttempt.username, LoginAttempt.success)).all()
     assert sorted(rows) == [("ghost", False), ("gina", False)]
+
+
+def test_unknown_user_costs_as_much_as_a_wrong_password(settings):
+    """Without the dummy hash check, an unknown username would answer many times faster."""
+    costly = settings.model_copy(
+        update={"argon2_time_cost": 2, "argon2_memory_cost_kib": 16 * 1024, "login_max_failures": 1000}
+    )
+    with session_scope(costly) as session:
+        create_user(session, costly, "timed", "the-right-password")
+
+    def median_seconds(username: str) -> float:
+        durations = []
+        for _ in range(5):
+            with session_scope(costly) as session:
+                started = time.perf_counter()
+                with pytest.raises(Unauthorized):
+                    authenticate(session, costly, username, "a-wrong-password")
+                durations.append(time.perf_counter() - started)
+        return statistics.median(durations)
+
+    authenticate_unknown = median_seconds("nobody-here")
+    authenticate_wrong = median_seconds("timed")
+    assert authenticate_unknown > 0.5 * authenticate_wrong
