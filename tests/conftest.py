@@ -109,11 +109,16 @@ class SyncClient:
     """Synchronous facade over ``httpx.AsyncClient`` + ``ASGITransport``; cookies persist like a browser."""
 
     def __init__(
-        self, app: Any, portal: anyio.from_thread.BlockingPortal, base_url: str = "http://testserver"
+        self,
+        app: Any,
+        portal: anyio.from_thread.BlockingPortal,
+        base_url: str = "http://testserver",
+        raise_app_exceptions: bool = True,
     ) -> None:
         self.app = app
         self._portal = portal
-        self._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+        self._client = httpx.AsyncClient(transport=transport, base_url=base_url)
 
     @property
     def cookies(self) -> httpx.Cookies:

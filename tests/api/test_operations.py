@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from conftest import SyncClient
+
+from backend.main import create_app
+
 
 def test_healthz_ok(client):
     response = client.get("/healthz")
@@ -73,3 +77,23 @@ def test_openapi_and_docs_are_served_locally(client):
     assert "/static/vendor/swagger-ui/swagger-ui-bundle.js" in docs.text
     assert "http" not in docs.text.split("<body>")[0].replace("http-equiv", "")
     assert client.get("/static/vendor/swagger-ui/swagger-ui-bundle.js").status_code == 200
+
+
+def test_unexpected_errors_are_a_500_page_or_json_without_internals(settings, portal):
+    app = create_app(settings)
+
+    def explode() -> None:
+        raise RuntimeError("secret internals")
+
+    app.add_api_route("/api/v1/explode", explode)
+    app.add_api_route("/explode", explode)
+    client = SyncClient(app, portal, raise_app_exceptions=False)
+    try:
+        api = client.get("/api/v1/explode")
+        assert api.status_code == 500
+        assert api.json()["error"] == "internal_error"
+        page = client.get("/explode")
+        assert page.status_code == 500 and "Something went wrong" in page.text
+        assert "secret internals" not in api.text + page.text
+    finally:
+        client.close()
