@@ -65,7 +65,9 @@ def test_baseline_validation_messages() -> None:
 @pytest.mark.parametrize(
     "cfg",
     [
-        PatchGDConfig(num_classes=4, backbone="resnet18", image_size=256, patch_size=64, sampling=0.25, seed=7),
+        PatchGDConfig(
+            num_classes=4, backbone="resnet18", image_size=256, patch_size=64, sampling=0.25, seed=7
+        ),
         BaselineConfig(num_classes=3, backbone="mobilenet_v2", image_size=224, gradient_checkpointing=True),
     ],
 )

@@ -12,7 +12,14 @@ import torchvision.models as tvm
 from safetensors.torch import save_file
 
 from worker.patchgd.config import BaselineConfig, PatchGDConfig
-from worker.patchgd.grid import IMAGENET_MEAN, IMAGENET_STD, PatchGrid, PatchSource, TensorPatchSource, normalize_uint8
+from worker.patchgd.grid import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PatchGrid,
+    PatchSource,
+    TensorPatchSource,
+    normalize_uint8,
+)
 from worker.patchgd.models import (
     BACKBONES,
     PatchGDHead,
@@ -38,7 +45,9 @@ def test_grid_is_row_major_everywhere() -> None:
     assert torch.equal(per_image[0, 0], images[0, :, 16:32, 32:48])
     assert torch.equal(per_image[1, 0], images[1, :, 32:48, 16:32])
     # The traceable all-patches view (export) uses the same order as indexed extraction (training).
-    assert torch.equal(grid.all_patches(images).reshape(2, 16, 3, 16, 16), grid.extract(images, torch.arange(16)))
+    assert torch.equal(
+        grid.all_patches(images).reshape(2, 16, 3, 16, 16), grid.extract(images, torch.arange(16))
+    )
     z = torch.zeros(2, 5, 4, 4)
     grid.scatter(z, torch.tensor([6]), torch.ones(2, 1, 5))
     assert z[:, :, 1, 2].eq(1).all() and z.sum() == 10
@@ -94,7 +103,9 @@ def test_reference_head_handles_small_grids_even_for_one_image(n: int) -> None:
 
 
 def test_patchgd_model_shapes_and_full_forward() -> None:
-    cfg = PatchGDConfig(num_classes=5, backbone="resnet18", image_size=64, patch_size=32, latent_dim=8, head="linear")
+    cfg = PatchGDConfig(
+        num_classes=5, backbone="resnet18", image_size=64, patch_size=32, latent_dim=8, head="linear"
+    )
     model = build_patchgd_model(cfg).eval()
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
@@ -111,7 +122,9 @@ def test_baseline_every_parameter_gets_a_gradient_and_checkpointing_matches(name
     cfg = BaselineConfig(num_classes=3, backbone=name, image_size=64)
     torch.manual_seed(0)
     plain = build_baseline_model(cfg).train()
-    checkpointed = build_baseline_model(BaselineConfig(**{**cfg.to_dict(), "gradient_checkpointing": True})).train()
+    checkpointed = build_baseline_model(
+        BaselineConfig(**{**cfg.to_dict(), "gradient_checkpointing": True})
+    ).train()
     checkpointed.load_state_dict(plain.state_dict())
     images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 2])
     for model in (plain, checkpointed):

@@ -8,6 +8,7 @@ or a weights-only state dict), never an arbitrary pickle.
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +125,11 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise WeightsError(f"{path.name} is not a valid safetensors file: {exc}") from exc
     try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # Raw pickles (not torch.save zips) of protocol > 2 make torch warn before it checks
+            # them; the file is judged by whether the safe unpickler accepts it, not by that note.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise WeightsError(
             f"{path.name} was refused: it is not a plain weights file (it contains Python objects that "
