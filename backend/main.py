@@ -31,6 +31,7 @@ OPENAPI_TAGS = [
     {"name": "auth", "description": "OAuth2 password flow: get a short-lived bearer token."},
     {"name": "users", "description": "Your account; account administration (admins)."},
     {"name": "tokens", "description": "Personal API tokens (shown once, stored hashed)."},
+    {"name": "sessions", "description": "Your signed-in browsers."},
     {"name": "operations", "description": "Health check and Prometheus metrics."},
 ]
 _STATUS_CODES = {

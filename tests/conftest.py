@@ -137,6 +137,10 @@ class SyncClient:
         """POST ``url``."""
         return self.request("POST", url, **kwargs)
 
+    def put(self, url: str, **kwargs: Any) -> httpx.Response:
+        """PUT ``url``."""
+        return self.request("PUT", url, **kwargs)
+
     def patch(self, url: str, **kwargs: Any) -> httpx.Response:
         """PATCH ``url``."""
         return self.request("PATCH", url, **kwargs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from backend.api import auth, tokens, users
+from backend.api import auth, sessions, tokens, users
 
 API_PREFIX = "/api/v1"
 
@@ -15,4 +15,5 @@ def build_api_router() -> APIRouter:
     router.include_router(auth.router)
     router.include_router(users.router)
     router.include_router(tokens.router)
+    router.include_router(sessions.router)
     return router

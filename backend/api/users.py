@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Response, status
 
-from backend.api.deps import AdminUser, CurrentUser, SessionDep, SettingsDep
+from backend.api.deps import AdminUser, CurrentUser, PrincipalDep, SessionDep, SettingsDep
 from backend.errors import Invalid
 from backend.schemas.errors import ErrorResponse
-from backend.schemas.users import UserCreate, UserRead, UserUpdate
+from backend.schemas.users import PasswordChange, UserCreate, UserRead, UserUpdate
 from backend.services import users as user_service
 
 router = APIRouter(prefix="/users", tags=["users"], responses={401: {"model": ErrorResponse}})
@@ -17,6 +17,22 @@ router = APIRouter(prefix="/users", tags=["users"], responses={401: {"model": Er
 def read_me(user: CurrentUser) -> UserRead:
     """The account the request is authenticated as."""
     return UserRead.model_validate(user)
+
+
+@router.put("/me/password", status_code=status.HTTP_204_NO_CONTENT, responses={400: {"model": ErrorResponse}})
+def change_my_password(
+    body: PasswordChange, principal: PrincipalDep, session: SessionDep, settings: SettingsDep
+) -> Response:
+    """Change the caller's password; every other browser session is signed out."""
+    user_service.change_password(
+        session,
+        settings,
+        principal.user,
+        current_password=body.current_password,
+        new_password=body.new_password,
+        keep_session_id=principal.session.id if principal.session else None,
+    )
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("", response_model=list[UserRead], responses={404: {"model": ErrorResponse}})

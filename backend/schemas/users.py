@@ -34,3 +34,10 @@ class UserUpdate(BaseModel):
 
     is_active: bool | None = None
     role: Role | None = None
+
+
+class PasswordChange(BaseModel):
+    """Change one's own password: the current one is checked again."""
+
+    current_password: str = Field(min_length=1, max_length=1024)
+    new_password: str = Field(min_length=8, max_length=1024)

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from backend.config import Settings
 from backend.db import session_scope
-from backend.errors import Conflict, Invalid, NotFound, Unauthorized
+from backend.errors import Conflict, Invalid, NotFound
 from backend.models import Role, User
 from backend.security import hash_password, verify_password
 from backend.services import sessions as session_service
@@ -126,7 +126,7 @@ def change_password(
 ) -> None:
     """Change one's own password after re-checking the current one; other browsers are signed out."""
     if not verify_password(settings, current_password, user.password_hash):
-        raise Unauthorized("The current password is not correct.")
+        raise Invalid("The current password is not correct.")
     user.password_hash = hash_password(settings, validate_password(new_password))
     session_service.revoke_all_for_user(session, user, except_id=keep_session_id)
     session.flush()
