@@ -144,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        """Prepare what the first requests would otherwise race for."""
         settings.resolved_secret_key()  # create the key file before the first request races for it
         yield
 

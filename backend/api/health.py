@@ -8,13 +8,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from backend.api.deps import SettingsDep
+from backend.config import Settings
 from backend.db import get_engine
 from backend.queue import broker_reachable
 
 router = APIRouter(tags=["operations"])
 
 
-def _database_ok(settings: SettingsDep) -> bool:
+def _database_ok(settings: Settings) -> bool:
     try:
         with get_engine(settings).connect() as connection:
             connection.execute(text("SELECT 1"))
