@@ -36,7 +36,7 @@ def serve() -> None:
 
 @app.command()
 def worker(
-    concurrency: int = typer.Option(
+    concurrency: int | None = typer.Option(
         None, "--concurrency", "-c", min=1, help="Worker processes (default: settings)."
     ),
 ) -> None:
