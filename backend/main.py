@@ -20,8 +20,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend.api import API_PREFIX, build_api_router, health
 from backend.config import Settings, get_settings
+from backend.db import session_scope
 from backend.errors import AppError, Unauthorized
 from backend.observability import HttpMetrics, ObservabilityMiddleware, configure_logging
+from backend.services.auth import Viewer, resolve_principal
 from backend.web import build_web_router
 from backend.web.templating import STATIC_DIR, is_htmx, render
 
@@ -70,6 +72,25 @@ def wants_json(request: Request) -> bool:
     return "application/json" in accept and "text/html" not in accept
 
 
+def _identify_viewer(request: Request) -> None:
+    """Recognise a signed-in browser on pages no route handled (404s), so the layout shows its menu."""
+    if hasattr(request.state, "viewer"):
+        return
+    request.state.viewer = None
+    settings: Settings = request.app.state.settings
+    try:
+        with session_scope(settings) as session:
+            principal = resolve_principal(
+                session,
+                settings,
+                authorization=None,
+                session_cookie=request.cookies.get(settings.session_cookie_name),
+            )
+            request.state.viewer = Viewer.of(principal) if principal else None
+    except Exception:  # an error page must render even when the database is the problem
+        logger.warning("could not identify the viewer of an error page", exc_info=True)
+
+
 def _error_response(
     request: Request, status_code: int, code: str, detail: object, headers: dict[str, str]
 ) -> Response:
@@ -84,6 +105,7 @@ def _error_response(
             return Response(status_code=204, headers={"HX-Redirect": login})
         return RedirectResponse(login, status_code=303)
     title = _STATUS_TITLES.get(status_code, "Something went wrong")
+    _identify_viewer(request)
     if is_htmx(request):
         toast_headers = {**headers, "HX-Retarget": "#toasts", "HX-Reswap": "beforeend"}
         return render(

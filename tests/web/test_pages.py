@@ -206,3 +206,11 @@ def test_no_cdn_links_and_htmx_is_vendored(client):
     assert htmx.status_code == 200 and "htmx" in htmx.text[:200]
     assert (FRONTEND / "static/vendor/htmx/LICENSE").exists()
     assert client.get("/static/css/app.css").status_code == 200
+
+
+def test_404_page_keeps_the_signed_in_layout(client, make_user, login):
+    login(client, make_user("alice"))
+    page = client.get("/no/such/page")
+    assert page.status_code == 404
+    assert "Page not found" in page.text
+    assert ">alice</span>" in page.text and 'href="/settings"' in page.text
