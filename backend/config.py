@@ -22,7 +22,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TESSERA_", env_file=None, extra="ignore")
 
     # Storage and connections
-    data_dir: Path = Field(default=Path("data"), description="Folder for the SQLite files, uploads and artifacts.")
+    data_dir: Path = Field(
+        default=Path("data"), description="Folder for the SQLite files, uploads and artifacts."
+    )
     database_url: str = Field(
         default="",
         validation_alias=AliasChoices("TESSERA_DATABASE_URL", "DATABASE_URL"),
@@ -41,7 +43,9 @@ class Settings(BaseSettings):
     # Serving
     host: str = "127.0.0.1"
     port: int = 8000
-    worker_concurrency: int = Field(default=1, ge=1, description="Celery worker processes started by `serve`.")
+    worker_concurrency: int = Field(
+        default=1, ge=1, description="Celery worker processes started by `serve`."
+    )
     log_level: str = "INFO"
     log_json: bool = Field(default=False, description="Log one JSON object per line instead of text.")
 
@@ -52,8 +56,12 @@ class Settings(BaseSettings):
     access_token_max_age_seconds: int = Field(default=3600, ge=60, description="OAuth2 password-flow tokens.")
     login_max_failures: int = Field(default=10, ge=1)
     login_window_seconds: int = Field(default=15 * 60, ge=1)
-    admin_username: str = Field(default="admin", description="First admin created by `serve` when no user exists.")
-    admin_password: str = Field(default="", description="Password of that first admin; empty: generated and printed.")
+    admin_username: str = Field(
+        default="admin", description="First admin created by `serve` when no user exists."
+    )
+    admin_password: str = Field(
+        default="", description="Password of that first admin; empty: generated and printed."
+    )
     argon2_time_cost: int = Field(default=3, ge=1, description="Argon2 iterations for password hashes.")
     argon2_memory_cost_kib: int = Field(default=65536, ge=8, description="Argon2 memory per hash, in KiB.")
     session_touch_interval_seconds: int = Field(
@@ -66,7 +74,9 @@ class Settings(BaseSettings):
     max_archive_members: int = Field(default=200_000, ge=1)
     max_extracted_bytes: int = Field(default=200 * 1024**3, ge=1)
     max_compression_ratio: float = Field(default=200.0, gt=1)
-    max_image_pixels: int = Field(default=1_000_000_000, ge=1, description="Decompression-bomb guard for images.")
+    max_image_pixels: int = Field(
+        default=1_000_000_000, ge=1, description="Decompression-bomb guard for images."
+    )
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
