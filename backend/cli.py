@@ -41,20 +41,13 @@ def worker(
     ),
 ) -> None:
     """Run a Celery worker in the foreground (replaces this process)."""
+    from backend.supervisor import worker_command
+
     settings = get_settings()
-    count = concurrency or settings.worker_concurrency
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.celery_app",
-        "worker",
-        "--concurrency",
-        str(count),
-        "-l",
-        "info",
-    ]
+    if concurrency is not None:
+        settings = settings.model_copy(update={"worker_concurrency": concurrency})
+    # The same command line `serve` starts, so pool, hostname and log level never drift apart.
+    argv = worker_command(settings)
     os.execv(sys.executable, argv)
 
 

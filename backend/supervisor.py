@@ -61,6 +61,8 @@ def web_command(settings: Settings) -> list[str]:
         settings.log_level.lower(),
         "--timeout-graceful-shutdown",
         str(WEB_GRACEFUL_SHUTDOWN_SECONDS),
+        # The app logs every request itself (structured, with a request id).
+        "--no-access-log",
     ]
 
 
