@@ -59,9 +59,10 @@ def predict_logits(
             if isinstance(source, torch.Tensor):
                 source = TensorPatchSource(source, model.grid)
             if source.grid != model.grid:
+                trained, given = model.grid, source.grid
                 raise ValueError(
-                    f"the model was trained on a {model.grid.image_size}px image with {model.grid.patch_size}px "
-                    f"patches, the input is {source.grid.image_size}px with {source.grid.patch_size}px patches"
+                    f"the model was trained on a {trained.image_size}px image with {trained.patch_size}px "
+                    f"patches, the input is {given.image_size}px with {given.patch_size}px patches"
                 )
             step = chunk_size or model.grid.n
             order = torch.arange(model.grid.num_patches).split(step)

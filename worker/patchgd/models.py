@@ -199,9 +199,8 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
         if k in expected and v.shape != expected[k].shape
     )
     if missing or unexpected or shapes:
-        raise WeightsError(
-            f"{Path(path).name} does not match this architecture: {_describe_mismatch(missing, unexpected, shapes)}"
-        )
+        problems = _describe_mismatch(missing, unexpected, shapes)
+        raise WeightsError(f"{Path(path).name} does not match this architecture: {problems}")
     module.load_state_dict(state, strict=False)
 
 

@@ -1,0 +1,144 @@
+"""Checkpoints: atomic writes, safe loading, and resume that continues exactly."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from worker.patchgd.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from worker.patchgd.config import BaselineConfig, PatchGDConfig
+from worker.patchgd.train import Progress, train
+
+
+def _loaders() -> tuple[DataLoader, DataLoader]:
+    generator = torch.Generator().manual_seed(5)
+    images = torch.randn(12, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, 3, (12,), generator=generator)
+    dataset = TensorDataset(images, labels)
+    # Shuffled with the loader's own generator; the last batch is smaller (12 = 5 + 5 + 2).
+    return (
+        DataLoader(dataset, batch_size=5, shuffle=True, generator=torch.Generator()),
+        DataLoader(TensorDataset(images[:4], labels[:4]), batch_size=4),
+    )
+
+
+CONFIGS = {
+    # Reference head (Dropout2d draws from the global RNG), per-image positions (sampler RNG) and
+    # the stale-Z regime (several optimizer steps per outer step).
+    "patchgd": PatchGDConfig(
+        num_classes=3,
+        backbone="mobilenet_v3_small",
+        image_size=32,
+        patch_size=8,
+        sampling=0.25,
+        accumulation_steps=2,
+        latent_dim=8,
+        head_width=8,
+        epochs=3,
+        batch_size=5,
+        warmup_epochs=1,
+        per_image_positions=True,
+        seed=3,
+    ),
+    "baseline": BaselineConfig(
+        num_classes=3, backbone="resnet18", image_size=32, epochs=3, batch_size=5, seed=3
+    ),
+}
+
+
+def _run(cfg, **kwargs):  # noqa: ANN001, ANN202 - test helper
+    losses: list[float] = []
+    train_loader, val_loader = _loaders()
+    result = train(
+        cfg, train_loader, val_loader, device="cpu", on_progress=lambda p: losses.append(p.loss), **kwargs
+    )
+    return result, losses
+
+
+@pytest.mark.parametrize("algorithm", sorted(CONFIGS))
+def test_resume_equals_uninterrupted(tmp_path: Path, algorithm: str) -> None:
+    cfg = CONFIGS[algorithm]
+    straight, straight_losses = _run(cfg)
+    # Stop after 2 of 3 epochs (3 batches per epoch), then continue in a fresh call.
+    first, first_losses = _run(cfg, checkpoint_dir=tmp_path, max_steps=6)
+    assert first.status == "stopped" and first.epochs_completed == 2
+    resumed, resumed_losses = _run(cfg, checkpoint_dir=tmp_path, resume_from=tmp_path / "last.pt")
+    assert resumed.status == "succeeded" and resumed.steps == 9
+    assert first_losses + resumed_losses == straight_losses
+    assert [m.to_dict() for m in resumed.history][:2] == [m.to_dict() for m in first.history]
+    assert [m.train_loss for m in resumed.history] == [m.train_loss for m in straight.history]
+    assert resumed.final == straight.final
+    straight_state, resumed_state = straight.model.state_dict(), resumed.model.state_dict()
+    assert straight_state.keys() == resumed_state.keys()
+    for name, value in straight_state.items():
+        assert torch.equal(value, resumed_state[name]), name
+
+
+def test_resume_refuses_other_hyperparameters(tmp_path: Path) -> None:
+    cfg = CONFIGS["baseline"]
+    _run(cfg, checkpoint_dir=tmp_path, max_steps=3)
+    changed = BaselineConfig(**{**cfg.to_dict(), "lr": 0.5})
+    with pytest.raises(CheckpointError, match="different hyperparameters: lr"):
+        _run(changed, resume_from=tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match="checkpoint is for baseline, this run is patchgd"):
+        _run(CONFIGS["patchgd"], resume_from=tmp_path / "last.pt")
+
+
+def test_progress_is_reported_for_resumed_runs(tmp_path: Path) -> None:
+    cfg = CONFIGS["baseline"]
+    _run(cfg, checkpoint_dir=tmp_path, max_steps=3)
+    seen: list[Progress] = []
+    train_loader, _ = _loaders()
+    train(cfg, train_loader, device="cpu", resume_from=tmp_path / "last.pt", on_progress=seen.append)
+    assert [p.step for p in seen] == list(range(4, 10)) and seen[-1].fraction == 1.0
+
+
+def test_rng_state_round_trip() -> None:
+    state = capture_rng_state()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng_state(state)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+
+
+def test_atomic_save_replaces_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt" / "last.pt"
+    save_checkpoint({"epoch": 1, "weights": torch.ones(2)}, path)
+    save_checkpoint({"epoch": 2, "weights": torch.zeros(2)}, path)
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+    state = load_checkpoint(path)
+    assert state["epoch"] == 2 and torch.equal(state["weights"], torch.zeros(2))
+
+
+def test_unsafe_or_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "marker.txt"
+
+    class WritesAFile:
+        def __reduce__(self):  # noqa: ANN204 - pickle protocol
+            return (Path.write_text, (marker, "owned"))
+
+    torch.save({"format_version": 1, "model": WritesAFile()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="could not be read"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+    torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a Tessera training checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    (tmp_path / "junk.pt").write_bytes(pickle.dumps("x")[:3])
+    with pytest.raises(CheckpointError, match="could not be read"):
+        load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "absent.pt")

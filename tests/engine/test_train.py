@@ -1,0 +1,137 @@
+"""The training loop: learning, progress callbacks, cancellation, step limits, input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from worker.patchgd.config import BaselineConfig, PatchGDConfig
+from worker.patchgd.grid import TensorPatchSource
+from worker.patchgd.train import EpochMetrics, Progress, train
+
+
+def _bright_square_dataset(count: int = 16, size: int = 64, seed: int = 0) -> TensorDataset:
+    """Class 1 images hide one bright 12 px square somewhere in noise; class 0 are plain noise."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(count, 3, size, size, generator=generator) * 0.5
+    labels = torch.arange(count) % 2
+    for i in range(count):
+        if labels[i] == 1:
+            row, col = torch.randint(0, size - 12, (2,), generator=generator).tolist()
+            images[i, :, row : row + 12, col : col + 12] += 3.0
+    return TensorDataset(images, labels)
+
+
+def _loaders(batch_size: int = 4) -> tuple[DataLoader, DataLoader]:
+    train_set, val_set = _bright_square_dataset(16, seed=0), _bright_square_dataset(8, seed=1)
+    return (
+        DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=torch.Generator()),
+        DataLoader(val_set, batch_size=4),
+    )
+
+
+def _patchgd_cfg(**changes) -> PatchGDConfig:
+    params = {
+        "num_classes": 2,
+        "backbone": "resnet18",
+        "image_size": 64,
+        "patch_size": 16,
+        "sampling": 0.25,
+        "latent_dim": 16,
+        "head": "linear",
+        "head_dropout": 0.0,
+        "epochs": 4,
+        "batch_size": 4,
+        "warmup_epochs": 1,
+        "lr_backbone": 3e-3,
+        "lr_head": 3e-3,
+        **changes,
+    }
+    return PatchGDConfig(**params)
+
+
+def test_patchgd_learns_and_reports_progress() -> None:
+    cfg = _patchgd_cfg()
+    train_loader, val_loader = _loaders()
+    progress: list[Progress] = []
+    epochs: list[EpochMetrics] = []
+    result = train(
+        cfg, train_loader, val_loader, device="cpu", on_progress=progress.append, on_epoch_end=epochs.append
+    )
+    assert result.status == "succeeded"
+    assert result.epochs_completed == 4 and result.steps == 16
+    assert [p.step for p in progress] == list(range(1, 17))
+    assert all(p.total_steps == 16 for p in progress)
+    assert progress[-1].fraction == 1.0 and progress[-1].eta_seconds == 0
+    assert progress[0].eta_seconds > progress[8].eta_seconds > 0
+    assert all(p.images_per_s > 0 and p.patches_per_s > 8 * p.images_per_s for p in progress)
+    assert all(p.peak_memory_bytes > 10 * 2**20 for p in progress)
+    # Warmup over the first epoch (4 steps), then linear decay to zero.
+    assert progress[0].lr < progress[3].lr == max(p.lr for p in progress)
+    assert progress[-1].lr == 0
+    assert [e.epoch for e in epochs] == [0, 1, 2, 3] and result.history == epochs
+    assert epochs[-1].train_loss < epochs[0].train_loss / 2
+    # The bright square is found on unseen images.
+    assert epochs[-1].val_accuracy >= 0.75 and epochs[-1].val_loss < epochs[0].val_loss / 2
+    assert all(e.val_loss is not None and 0 <= e.val_accuracy <= 1 for e in epochs)
+    # The reported result is the final model on the held-out loader, not the best epoch.
+    assert result.final == epochs[-1].val_report
+    assert result.final["num_samples"] == 8 and len(result.final["confusion_matrix"]) == 2
+
+
+def test_should_stop_cancels_between_steps() -> None:
+    calls = []
+
+    def stop_on_third_check() -> bool:
+        calls.append(1)
+        return len(calls) >= 3
+
+    train_loader, _ = _loaders()
+    result = train(_patchgd_cfg(), train_loader, device="cpu", should_stop=stop_on_third_check)
+    assert result.status == "cancelled"
+    assert result.steps == 2 and result.epochs_completed == 0 and result.final is None
+
+
+def test_max_steps_stops_and_baseline_trains(tmp_path) -> None:
+    train_loader, val_loader = _loaders()
+    cfg = BaselineConfig(
+        num_classes=2, backbone="resnet18", image_size=64, epochs=2, batch_size=4, gradient_checkpointing=True
+    )
+    result = train(cfg, train_loader, val_loader, device="cpu", max_steps=6, checkpoint_dir=tmp_path)
+    assert result.status == "stopped" and result.steps == 6
+    assert result.epochs_completed == 1 and result.final is None
+    assert result.checkpoint_path == tmp_path / "last.pt" and result.checkpoint_path.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary files left behind
+
+
+def test_loader_may_yield_patch_sources() -> None:
+    cfg = _patchgd_cfg(epochs=1)
+    data = _bright_square_dataset(4)
+    batches = [
+        (TensorPatchSource(data.tensors[0][i : i + 2], cfg.grid), data.tensors[1][i : i + 2]) for i in (0, 2)
+    ]
+    result = train(cfg, batches, device="cpu")
+    assert result.status == "succeeded" and result.steps == 2
+
+
+def test_images_of_the_wrong_size_are_explained() -> None:
+    loader = [(torch.zeros(2, 3, 48, 48), torch.tensor([0, 1]))]
+    with pytest.raises(ValueError, match=r"expected images of shape \[B, C, 64, 64\], got \(2, 3, 48, 48\)"):
+        train(_patchgd_cfg(epochs=1), loader, device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_channels_last_training() -> None:
+    train_loader, val_loader = _loaders()
+    progress: list[Progress] = []
+    for cfg in (
+        _patchgd_cfg(epochs=1),
+        BaselineConfig(num_classes=2, backbone="resnet18", image_size=64, epochs=1),
+    ):
+        assert cfg.use_bf16("cuda") and cfg.use_channels_last("cuda")
+        result = train(cfg, train_loader, val_loader, device="cuda", on_progress=progress.append)
+        assert result.status == "succeeded" and next(result.model.parameters()).is_cuda
+        assert all(torch.isfinite(torch.tensor(h.train_loss)) for h in result.history)
+    assert all(0 < p.peak_memory_bytes < torch.cuda.get_device_properties(0).total_memory for p in progress)
