@@ -36,7 +36,7 @@ def test_in_process_measurement_and_sampler() -> None:
     assert result.fits and 110 * MIB <= result.peak_bytes <= 200 * MIB
     with RssSampler() as sampler:
         block = bytearray(64 * MIB)
-        block[:: 4096] = b"\x01" * len(block[::4096])
+        block[::4096] = b"\x01" * len(block[::4096])
     assert sampler.growth >= 60 * MIB
     del block
 
@@ -64,8 +64,14 @@ def test_killed_and_failing_workloads_are_reported() -> None:
 
 def _small_cfg(**overrides) -> PatchGDConfig:
     base = dict(
-        num_classes=3, backbone="mobilenet_v3_small", image_size=512, patch_size=128, patches_per_step=16,
-        batch_size=2, precision="fp32", channels_last=False,
+        num_classes=3,
+        backbone="mobilenet_v3_small",
+        image_size=512,
+        patch_size=128,
+        patches_per_step=16,
+        batch_size=2,
+        precision="fp32",
+        channels_last=False,
     )
     return PatchGDConfig(**{**base, **overrides})
 
@@ -76,7 +82,7 @@ def test_estimate_terms_scale_as_the_model_says() -> None:
     big_k = estimate_patchgd_bytes(cfg, bytes_per_pixel=500.0, patches_per_step=16)
     assert big_k.terms["activations"] == 4 * small_k.terms["activations"] == int(16 * 2 * 500 * 128 * 128)
     assert big_k.terms["params_grads_optimizer"] == small_k.terms["params_grads_optimizer"] > 0
-    streamed = estimate_patchgd_bytes(cfg, bytes_per_pixel=500.0, streaming=True)
+    streamed = estimate_patchgd_bytes(cfg, bytes_per_pixel=500.0, streaming=True, patches_per_step=4)
     assert streamed.terms["image_buffer"] < big_k.terms["image_buffer"] == 2 * 3 * 512 * 512 * 4
     # PatchGD activations depend on k*P^2, not on S^2; the baseline's grow with S^2.
     large = estimate_patchgd_bytes(dataclasses.replace(cfg, image_size=4096), bytes_per_pixel=500.0)
@@ -127,7 +133,9 @@ def test_baseline_planner_shrinks_batch_then_resolution() -> None:
     assert resized.fits and resized.batch_size == 1
     assert resized.image_size < 512 and resized.image_size % 32 == 0
     assert resized.predicted_bytes <= 0.85 * 0.1 * GIB
-    bigger = estimate_baseline_bytes(base, bytes_per_pixel=548.0, batch_size=1, image_size=resized.image_size + 32)
+    bigger = estimate_baseline_bytes(
+        base, bytes_per_pixel=548.0, batch_size=1, image_size=resized.image_size + 32
+    )
     assert bigger.total_bytes > 0.85 * 0.1 * GIB  # the largest resolution that fits was chosen
 
 

@@ -779,13 +779,16 @@ def synthetic_region(downsample: int, x: int, y: int, w: int, h: int) -> np.ndar
     if SYNTHETIC_BLOCK % downsample:
         raise ValueError(f"downsample must divide {SYNTHETIC_BLOCK}")
     block = SYNTHETIC_BLOCK // downsample
-    bx = (np.arange(x, x + w) // block)[None, :]
-    by = (np.arange(y, y + h) // block)[:, None]
-    out = np.empty((h, w, 3), np.uint8)
-    out[:, :, 0] = (bx * 53 + by * 7) % 256
-    out[:, :, 1] = (by * 97 + bx * 3) % 256
-    out[:, :, 2] = ((bx ^ by) * 29) % 256
-    return out
+    bx = np.arange(x // block, (x + w - 1) // block + 1)[None, :]
+    by = np.arange(y // block, (y + h - 1) // block + 1)[:, None]
+    colours = np.empty((by.shape[0], bx.shape[1], 3), np.uint8)
+    colours[:, :, 0] = (bx * 53 + by * 7) % 256
+    colours[:, :, 1] = (by * 97 + bx * 3) % 256
+    colours[:, :, 2] = ((bx ^ by) * 29) % 256
+    # Expand the per-block colours to pixels with two gathers (cheap next to per-pixel arithmetic).
+    cols = np.arange(x, x + w) // block - x // block
+    rows = np.arange(y, y + h) // block - y // block
+    return colours.take(cols, axis=1).take(rows, axis=0)
 
 
 def write_pyramidal_tiff(

@@ -1,0 +1,1 @@
+"""Benchmarks of the PatchGD engine (scripts run with ``python -m bench.<name>``, not tests)."""

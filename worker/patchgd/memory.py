@@ -1,0 +1,877 @@
+"""Peak-memory measurement, an analytic memory model, and the memory-budget planner.
+
+Measurement runs a workload and reports its peak: on CPU in a spawned child process (resident set
+size sampled every few ms, with ``ru_maxrss`` as a floor) so an out-of-memory workload cannot take
+the caller down; on CUDA with the allocator's peak statistics. The analytic model predicts the
+peak of a PatchGD or baseline training step from parameter counts and a per-backbone activation
+cost calibrated by measurement. The planner picks batch size and k (PatchGD) or batch size and
+resolution (baseline) from the model, then verifies the choice with a short measured trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib
+import json
+import math
+import multiprocessing as mp
+import os
+import resource
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from .config import BaselineConfig, PatchGDConfig
+from .grid import TensorPatchSource
+from .models import build_backbone, build_baseline_model, build_patchgd_model
+from .train import baseline_step, build_optimizer, patchgd_step
+
+GIB = 1 << 30
+# Adam(W) keeps param + grad + exp_avg + exp_avg_sq, four fp32 tensors per parameter.
+ADAM_BYTES_PER_PARAM = 16
+FLOAT_BYTES = 4
+# Predicted peaks are kept below this fraction of the budget: the model ignores allocator slack.
+DEFAULT_SAFETY = 0.85
+_OOM_MARKERS = (
+    "out of memory",
+    "can't allocate",
+    "cannot allocate",
+    "not enough memory",
+    "defaultcpuallocator",
+)
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+@dataclass
+class MemoryMeasurement:
+    """Peak memory of one workload run, over the memory in use just before it started.
+
+    ``status`` is ``ok``, ``out_of_memory`` (allocation failed, killed, or over ``limit_bytes``),
+    ``error`` (the workload raised something else) or ``timeout``; ``fits`` is ``status == "ok"``.
+    """
+
+    device: str
+    status: str
+    peak_bytes: int | None
+    baseline_bytes: int | None
+    wall_s: float
+    reason: str | None = None
+    result: Any = None
+
+    @property
+    def fits(self) -> bool:
+        """True when the workload ran to the end."""
+        return self.status == "ok"
+
+    @property
+    def peak_gib(self) -> float | None:
+        """Peak in GiB (None when nothing was measured)."""
+        return None if self.peak_bytes is None else self.peak_bytes / GIB
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly summary (the workload's result is left out)."""
+        return {
+            "device": self.device,
+            "status": self.status,
+            "fits": self.fits,
+            "peak_bytes": self.peak_bytes,
+            "baseline_bytes": self.baseline_bytes,
+            "wall_s": round(self.wall_s, 3),
+            "reason": self.reason,
+        }
+
+
+class RssSampler:
+    """Samples this process's resident set size in a background thread; `peak` is the maximum seen.
+
+    Use as a context manager around the code to measure. Allocations shorter than the sampling
+    interval can slip between samples, which is why `measure_peak` also consults ``ru_maxrss``.
+    """
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.baseline = 0
+        self.peak = 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        gc.collect()
+        self.baseline = self._process.memory_info().rss
+        self.peak = self.baseline
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+    @property
+    def growth(self) -> int:
+        """Peak RSS minus the RSS when sampling started, in bytes."""
+        return self.peak - self.baseline
+
+
+def _resolve(fn_spec: str | Callable[..., Any]) -> Callable[..., Any]:
+    if callable(fn_spec):
+        return fn_spec
+    module_name, _, attr = fn_spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"workload {fn_spec!r} must look like 'package.module:function'")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)
+
+
+def _run_measured(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    device: str,
+    interval_s: float,
+    on_baseline: Callable[[int], None] | None = None,
+) -> tuple[str, int | None, int | None, str | None, Any]:
+    """Run `fn` and return (status, peak delta, baseline, reason, result) without raising."""
+    try:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            baseline = torch.cuda.memory_allocated(device)
+            if on_baseline is not None:
+                on_baseline(baseline)
+            try:
+                result = fn(*args, **kwargs)
+                torch.cuda.synchronize(device)
+            finally:
+                peak = torch.cuda.max_memory_allocated(device) - baseline
+            return "ok", peak, baseline, None, result
+        ru_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        sampler = RssSampler(interval_s)
+        with sampler:
+            if on_baseline is not None:
+                on_baseline(sampler.baseline)
+            result = fn(*args, **kwargs)
+        peak = sampler.peak
+        ru_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if ru_after > ru_before:
+            # The lifetime maximum rose during the workload, so it is this workload's true peak,
+            # including any spike shorter than the sampling interval.
+            peak = max(peak, ru_after)
+        return "ok", peak - sampler.baseline, sampler.baseline, None, result
+    except BaseException as exc:  # noqa: BLE001 - a failed workload is a result, never a crash
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        if _is_oom(exc):
+            return "out_of_memory", None, None, f"{type(exc).__name__}: {exc}", None
+        return "error", None, None, f"{type(exc).__name__}: {exc}", None
+    finally:
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def _child_main(conn: Any, fn_spec: Any, args: tuple, kwargs: dict, device: str, interval_s: float) -> None:
+    """Entry point of the measuring child: resolve, run, send the outcome over the pipe."""
+    try:
+        fn = _resolve(fn_spec)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as an error result
+        conn.send(("error", None, None, f"cannot load workload: {exc}", None))
+        return
+    outcome = _run_measured(
+        fn, args, kwargs, device, interval_s, on_baseline=lambda b: conn.send(("baseline", b))
+    )
+    try:
+        conn.send(outcome)
+    except Exception as exc:  # noqa: BLE001 - an unpicklable result must not hide the measurement
+        conn.send((outcome[0], outcome[1], outcome[2], f"result not transferable: {exc}", None))
+
+
+def _child_context() -> Any:
+    """Fresh-process isolation without paying a torch import per measurement.
+
+    A fork server is started once (a clean, exec'ed interpreter, like spawn) with this module and
+    torch preloaded; every measurement forks from it. The children inherit no state of the
+    caller (threads, CUDA context, open files), only the already-imported libraries.
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["worker.patchgd.memory"])
+    return ctx
+
+
+def measure_peak(
+    fn_spec: str | Callable[..., Any],
+    *args: Any,
+    device: str = "cpu",
+    isolate: bool | None = None,
+    limit_bytes: int | None = None,
+    timeout_s: float | None = None,
+    interval_s: float = 0.005,
+    **kwargs: Any,
+) -> MemoryMeasurement:
+    """Run a workload and measure its peak memory over the memory in use before it started.
+
+    `fn_spec` is ``"package.module:function"`` or a module-level function (it must be importable
+    in a fresh process). On CPU it runs in a child process (``isolate`` default, see
+    `_child_context`): peak RSS delta over the child's baseline. On CUDA it runs in this process
+    by default, using the allocator's peak statistics. The child is stopped (and the result is
+    ``out_of_memory``) if its RSS grows by more than `limit_bytes`; the call never raises for a
+    failing or killed workload.
+    """
+    isolate = not device.startswith("cuda") if isolate is None else isolate
+    started = time.perf_counter()
+    if not isolate:
+        status, peak, baseline, reason, result = _run_measured(
+            _resolve(fn_spec), args, kwargs, device, interval_s
+        )
+        if status == "ok" and limit_bytes is not None and peak is not None and peak > limit_bytes:
+            status, reason = (
+                "out_of_memory",
+                f"peak {peak / GIB:.2f} GiB exceeds the limit {limit_bytes / GIB:.2f} GiB",
+            )
+        return MemoryMeasurement(
+            device, status, peak, baseline, time.perf_counter() - started, reason, result
+        )
+
+    ctx = _child_context()
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(
+        target=_child_main, args=(sender, fn_spec, args, kwargs, device, interval_s), daemon=True
+    )
+    child.start()
+    sender.close()
+    baseline: int | None = None
+    watched = psutil.Process(child.pid)
+    outcome: tuple | None = None
+    stopped_reason: str | None = None
+    try:
+        while outcome is None:
+            if receiver.poll(0.02):
+                try:
+                    message = receiver.recv()
+                except EOFError:
+                    break
+                if message[0] == "baseline":
+                    baseline = message[1]
+                else:
+                    outcome = message
+                continue
+            if not child.is_alive():
+                if receiver.poll(0.1):
+                    continue
+                break
+            if timeout_s is not None and time.perf_counter() - started > timeout_s:
+                stopped_reason = f"timeout after {timeout_s:.0f} s"
+                break
+            if limit_bytes is not None and baseline is not None:
+                try:
+                    rss = watched.memory_info().rss
+                except psutil.NoSuchProcess:
+                    continue
+                if rss - baseline > limit_bytes:
+                    stopped_reason = (
+                        f"stopped: memory grew by {(rss - baseline) / GIB:.2f} GiB, over the limit of "
+                        f"{limit_bytes / GIB:.2f} GiB"
+                    )
+                    break
+    finally:
+        if child.is_alive() and outcome is None:
+            child.kill()
+        child.join(timeout=30)
+        receiver.close()
+    wall = time.perf_counter() - started
+    if outcome is not None:
+        status, peak, base, reason, result = outcome
+        return MemoryMeasurement(
+            device, status, peak, base if base is not None else baseline, wall, reason, result
+        )
+    if stopped_reason is not None:
+        status = "timeout" if stopped_reason.startswith("timeout") else "out_of_memory"
+        return MemoryMeasurement(device, status, None, baseline, wall, stopped_reason)
+    code = child.exitcode
+    if code is not None and code < 0:
+        name = _signal_name(-code)
+        if -code == 9:
+            # Nothing in the workload sends SIGKILL; the kernel's OOM killer does.
+            reason = f"killed by {name} (most likely the kernel's out-of-memory killer)"
+            return MemoryMeasurement(device, "out_of_memory", None, baseline, wall, reason)
+        return MemoryMeasurement(device, "error", None, baseline, wall, f"killed by {name}")
+    return MemoryMeasurement(
+        device, "error", None, baseline, wall, f"workload process exited with code {code}"
+    )
+
+
+def _signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def allocate_and_touch(num_bytes: int, hold_s: float = 0.05) -> int:
+    """Allocate `num_bytes`, write every page, hold them briefly: a known workload for calibration
+    checks of the measurement itself (and for tests)."""
+    block = bytearray(num_bytes)
+    for offset in range(0, num_bytes, 4096):
+        block[offset] = 1
+    time.sleep(hold_s)
+    return len(block)
+
+
+# --------------------------------------------------------------------------- activation calibration
+
+
+def _device_type(device: str) -> str:
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def calibration_workload(
+    backbone: str, patch_size: int, num_patches: int, device: str, bf16: bool, channels_last: bool
+) -> float:
+    """One forward + backward of the backbone over `num_patches` patches (run inside measure_peak).
+
+    Parameters and gradients exist in every run, so the difference between two runs with
+    different patch counts is the activation memory alone.
+    """
+    torch.manual_seed(0)
+    model = build_backbone(backbone, 256).to(device)
+    batch = torch.randn(num_patches, 3, patch_size, patch_size, device=device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast(_device_type(device), dtype=torch.bfloat16, enabled=bf16)
+    with autocast:
+        out = model(batch)
+    out.float().square().mean().backward()
+    return float(out.detach().float().abs().sum())
+
+
+_CALIBRATION: dict[str, float] = {}
+
+
+def activation_bytes_per_pixel(
+    backbone: str,
+    *,
+    device: str = "cpu",
+    bf16: bool = False,
+    channels_last: bool = False,
+    patch_size: int = 128,
+    cache_file: str | os.PathLike[str] | None = None,
+) -> float:
+    """Bytes of training activations per input pixel (forward + backward) for `backbone`.
+
+    Measured once as the peak difference between a 1-patch and a 3-patch forward/backward, then
+    cached in memory and, if given, in the JSON `cache_file` (keyed by backbone, device type,
+    precision and memory format).
+    """
+    key = f"{backbone}|{_device_type(device)}|{'bf16' if bf16 else 'fp32'}|{'cl' if channels_last else 'cf'}"
+    if key in _CALIBRATION:
+        return _CALIBRATION[key]
+    stored: dict[str, float] = {}
+    if cache_file is not None and Path(cache_file).is_file():
+        stored = json.loads(Path(cache_file).read_text())
+        if key in stored:
+            _CALIBRATION[key] = float(stored[key])
+            return _CALIBRATION[key]
+    peaks = []
+    for count in (1, 3):
+        result = measure_peak(
+            "worker.patchgd.memory:calibration_workload",
+            backbone,
+            patch_size,
+            count,
+            device,
+            bf16,
+            channels_last,
+            device=device,
+            isolate=True,
+            timeout_s=600,
+        )
+        if not result.fits or result.peak_bytes is None:
+            raise RuntimeError(f"calibration of {backbone} failed: {result.reason}")
+        peaks.append(result.peak_bytes)
+    per_pixel = max(peaks[1] - peaks[0], 0) / (2 * patch_size * patch_size)
+    _CALIBRATION[key] = per_pixel
+    if cache_file is not None:
+        stored[key] = per_pixel
+        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(cache_file).write_text(json.dumps(stored, indent=2, sort_keys=True))
+    return per_pixel
+
+
+# --------------------------------------------------------------------------- analytic model
+
+
+@dataclass
+class MemoryEstimate:
+    """A predicted peak, with the terms it is made of (bytes)."""
+
+    total_bytes: int
+    terms: dict[str, int]
+
+    @property
+    def total_gib(self) -> float:
+        """The predicted peak in GiB."""
+        return self.total_bytes / GIB
+
+
+_PARAM_COUNTS: dict[tuple, tuple[int, int]] = {}
+
+
+def _patchgd_param_counts(cfg: PatchGDConfig) -> tuple[int, int]:
+    key = (
+        cfg.backbone,
+        cfg.latent_dim,
+        cfg.head,
+        cfg.head_width,
+        cfg.num_classes,
+        cfg.grid.n,
+        cfg.in_channels,
+    )
+    if key not in _PARAM_COUNTS:
+        model = build_patchgd_model(cfg, load_pretrained=False)
+        _PARAM_COUNTS[key] = (
+            sum(p.numel() for p in model.backbone.parameters()),
+            sum(p.numel() for p in model.head.parameters()),
+        )
+    return _PARAM_COUNTS[key]
+
+
+def _baseline_param_count(cfg: BaselineConfig) -> int:
+    key = ("baseline", cfg.backbone, cfg.num_classes, cfg.in_channels)
+    if key not in _PARAM_COUNTS:
+        model = build_baseline_model(cfg, load_pretrained=False)
+        _PARAM_COUNTS[key] = (sum(p.numel() for p in model.parameters()), 0)
+    return _PARAM_COUNTS[key][0]
+
+
+def estimate_patchgd_bytes(
+    cfg: PatchGDConfig,
+    *,
+    bytes_per_pixel: float,
+    streaming: bool = False,
+    batch_size: int | None = None,
+    patches_per_step: int | None = None,
+) -> MemoryEstimate:
+    """Predicted peak of one PatchGD training step.
+
+    params + grads + Adam state (16 B/param) + k*B*c*P^2 activations of the patches re-encoded
+    with gradient + Z (the map, its grad-carrying copy and its gradient) + head activations + the
+    image buffer (the whole normalized batch in memory, or only the patches in flight when
+    streaming). `bytes_per_pixel` is c from `activation_bytes_per_pixel`.
+    """
+    batch = cfg.batch_size if batch_size is None else batch_size
+    k = cfg.k if patches_per_step is None else patches_per_step
+    backbone_params, head_params = _patchgd_param_counts(cfg)
+    n, p, s = cfg.grid.n, cfg.patch_size, cfg.image_size
+    z_cells = batch * cfg.latent_dim * n * n
+    # The reference head: four conv blocks each keep conv out, BN out and dropout mask for
+    # backward; the first (stride 1) dominates, at head_width channels on an n x n (>= 9) map.
+    side = max(n, 9)
+    head_act = batch * cfg.head_width * side * side * FLOAT_BYTES * 4 * 2 if cfg.head == "reference" else 0
+    pixels_in_flight = batch * k * 3 * p * p
+    terms = {
+        "params_grads_optimizer": ADAM_BYTES_PER_PARAM * (backbone_params + head_params),
+        "activations": int(math.ceil(k * batch * bytes_per_pixel * p * p)),
+        "latent_map": 3 * z_cells * FLOAT_BYTES,
+        "head_activations": head_act,
+        "image_buffer": (pixels_in_flight if streaming else batch * 3 * s * s) * FLOAT_BYTES,
+    }
+    return MemoryEstimate(sum(terms.values()), terms)
+
+
+def estimate_baseline_bytes(
+    cfg: BaselineConfig,
+    *,
+    bytes_per_pixel: float,
+    batch_size: int | None = None,
+    image_size: int | None = None,
+) -> MemoryEstimate:
+    """Predicted peak of one full-image baseline step: params/grads/Adam + B*c*S^2 + the image."""
+    batch = cfg.batch_size if batch_size is None else batch_size
+    s = cfg.image_size if image_size is None else image_size
+    terms = {
+        "params_grads_optimizer": ADAM_BYTES_PER_PARAM * _baseline_param_count(cfg),
+        "activations": int(math.ceil(batch * bytes_per_pixel * s * s)),
+        "image_buffer": batch * 3 * s * s * FLOAT_BYTES,
+    }
+    return MemoryEstimate(sum(terms.values()), terms)
+
+
+# --------------------------------------------------------------------------- measured trials
+
+
+def patchgd_trial(cfg_dict: dict[str, Any], device: str, inner_iterations: int = 1) -> dict[str, float]:
+    """A partial PatchGD outer step (fill pass + `inner_iterations` inner iterations) on random
+    images: the workload the planner and benchmarks measure. Runs inside `measure_peak`."""
+    cfg = PatchGDConfig.from_dict(cfg_dict)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model = build_patchgd_model(cfg, load_pretrained=False).to(device)
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    images = torch.randn(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, generator=generator)
+    labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=generator)
+    source = TensorPatchSource(images.to(device), cfg.grid)
+    stats = patchgd_step(
+        model, optimizer, source, labels, cfg, generator=generator, max_inner_iterations=inner_iterations
+    )
+    return {"seconds": stats.seconds, "patches_encoded": stats.num_patches_encoded}
+
+
+def baseline_trial(cfg_dict: dict[str, Any], device: str) -> dict[str, float]:
+    """One full-image baseline training step on random images (a `measure_peak` workload)."""
+    cfg = BaselineConfig.from_dict(cfg_dict)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model = build_baseline_model(cfg, load_pretrained=False).to(device)
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    images = torch.randn(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, generator=generator)
+    labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=generator)
+    stats = baseline_step(model, optimizer, images.to(device), labels, cfg)
+    return {"seconds": stats.seconds}
+
+
+# --------------------------------------------------------------------------- planner
+
+
+@dataclass
+class Plan:
+    """The planner's answer: settings that fit the budget (or why none do), predicted vs measured."""
+
+    algorithm: str
+    fits: bool
+    budget_bytes: int
+    config: dict[str, Any] | None
+    batch_size: int | None
+    predicted_bytes: int | None
+    measured_bytes: int | None
+    reason: str
+    patches_per_step: int | None = None
+    image_size: int | None = None
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (stored with the task, shown to the user)."""
+        return dataclasses.asdict(self)
+
+
+def enforce_budget(budget_gib: float, device: str = "cuda") -> float:
+    """Cap this process's CUDA caching allocator at `budget_gib`; returns the fraction set.
+
+    Allocations past the cap raise ``torch.cuda.OutOfMemoryError`` instead of using the rest of
+    the card, so a planned run cannot silently exceed its budget.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("enforce_budget needs CUDA; on CPU the planner's measured trial is the check")
+    index = torch.device(device).index or 0
+    total = torch.cuda.get_device_properties(index).total_memory
+    fraction = min(1.0, budget_gib * GIB / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    return fraction
+
+
+def _check_budget(budget_gib: float) -> int:
+    if not isinstance(budget_gib, int | float) or not math.isfinite(budget_gib) or budget_gib <= 0:
+        raise ValueError(f"memory budget must be a positive number of GiB, got {budget_gib!r}")
+    return int(budget_gib * GIB)
+
+
+def _patchgd_candidates(cfg: PatchGDConfig) -> list[tuple[int, int]]:
+    """(batch, k) in order of preference: keep the batch, shrink k (exact same gradient under
+    full-sweep accumulation, only slower), then shrink the batch."""
+    ks = sorted({cfg.k} | {max(1, cfg.k >> i) for i in range(1, 32)}, reverse=True)
+    return [(b, k) for b in range(cfg.batch_size, 0, -1) for k in ks]
+
+
+def _with(cfg: PatchGDConfig, batch: int, k: int) -> PatchGDConfig:
+    # inner_iterations / accumulation_steps given for the old k may not suit the new one: a
+    # full sweep (their defaults) is what the user's settings meant.
+    return dataclasses.replace(
+        cfg,
+        batch_size=batch,
+        patches_per_step=k,
+        sampling=None,
+        inner_iterations=None,
+        accumulation_steps=None,
+    )
+
+
+def plan_patchgd(
+    cfg: PatchGDConfig,
+    budget_gib: float,
+    device: str = "cpu",
+    *,
+    safety: float = DEFAULT_SAFETY,
+    verify: bool = True,
+    max_trials: int = 3,
+    bytes_per_pixel: float | None = None,
+    cache_file: str | os.PathLike[str] | None = None,
+) -> Plan:
+    """Choose batch size and k (patches per inner step) so a PatchGD step stays under the budget.
+
+    The analytic model picks the first (batch, k) whose prediction is under `safety` x budget
+    (keeping the batch and shrinking k first), then a measured trial (fill pass + one inner
+    iteration) confirms it; a measured peak over the budget shrinks the choice and tries again.
+    """
+    budget = _check_budget(budget_gib)
+    dev_type = _device_type(device)
+    bf16, channels_last = cfg.use_bf16(dev_type), cfg.use_channels_last(dev_type)
+    if bytes_per_pixel is None:
+        bytes_per_pixel = activation_bytes_per_pixel(
+            cfg.backbone, device=device, bf16=bf16, channels_last=channels_last, cache_file=cache_file
+        )
+    candidates = _patchgd_candidates(cfg)
+    trials: list[dict[str, Any]] = []
+    start = 0
+    for _ in range(max_trials):
+        chosen = None
+        for pos in range(start, len(candidates)):
+            batch, k = candidates[pos]
+            estimate = estimate_patchgd_bytes(
+                cfg, bytes_per_pixel=bytes_per_pixel, batch_size=batch, patches_per_step=k
+            )
+            if estimate.total_bytes <= safety * budget:
+                chosen = (pos, batch, k, estimate)
+                break
+        if chosen is None:
+            smallest = estimate_patchgd_bytes(
+                cfg, bytes_per_pixel=bytes_per_pixel, batch_size=1, patches_per_step=1
+            )
+            reason = (
+                f"does not fit: even batch 1 with k=1 is predicted at {smallest.total_gib:.2f} GiB "
+                f"(parameters, gradients and optimizer state alone "
+                f"{smallest.terms['params_grads_optimizer'] / GIB:.2f} GiB) against a budget of "
+                f"{budget / GIB:.2f} GiB"
+            )
+            if trials:
+                reason = f"does not fit: every measured trial exceeded {budget / GIB:.2f} GiB"
+            return Plan(
+                "patchgd", False, budget, None, None, smallest.total_bytes, None, reason, trials=trials
+            )
+        pos, batch, k, estimate = chosen
+        planned = _with(cfg, batch, k)
+        if not verify:
+            return Plan(
+                "patchgd",
+                True,
+                budget,
+                planned.to_dict(),
+                batch,
+                estimate.total_bytes,
+                None,
+                "predicted only (not verified by a measured trial)",
+                patches_per_step=k,
+                trials=trials,
+            )
+        measured = measure_peak(
+            patchgd_trial,
+            planned.to_dict(),
+            device,
+            1,
+            device=device,
+            limit_bytes=int(budget * 1.02),
+            timeout_s=900,
+        )
+        trials.append(
+            {
+                "batch_size": batch,
+                "patches_per_step": k,
+                "predicted_bytes": estimate.total_bytes,
+                **measured.to_dict(),
+            }
+        )
+        if measured.fits and measured.peak_bytes is not None and measured.peak_bytes <= budget:
+            return Plan(
+                "patchgd",
+                True,
+                budget,
+                planned.to_dict(),
+                batch,
+                estimate.total_bytes,
+                measured.peak_bytes,
+                f"batch {batch}, k={k}: measured {measured.peak_bytes / GIB:.2f} GiB "
+                f"of {budget / GIB:.2f} GiB",
+                patches_per_step=k,
+                trials=trials,
+            )
+        if measured.status in ("error", "timeout"):
+            return Plan(
+                "patchgd",
+                False,
+                budget,
+                None,
+                None,
+                estimate.total_bytes,
+                None,
+                f"trial failed: {measured.reason}",
+                trials=trials,
+            )
+        # Over budget: the model under-predicted; continue with strictly smaller settings.
+        start = pos + 1
+    return Plan(
+        "patchgd",
+        False,
+        budget,
+        None,
+        None,
+        None,
+        None,
+        f"does not fit: {max_trials} measured trials all exceeded {budget / GIB:.2f} GiB",
+        trials=trials,
+    )
+
+
+def _baseline_candidates(cfg: BaselineConfig) -> list[tuple[int, int]]:
+    """(batch, size) in order of preference: shrink the batch first, then the resolution
+    (multiples of 32, the stride of every catalog backbone) at batch 1."""
+    sizes = [cfg.image_size] + [s for s in range((cfg.image_size - 1) // 32 * 32, 31, -32)]
+    return [(b, cfg.image_size) for b in range(cfg.batch_size, 0, -1)] + [(1, s) for s in sizes[1:]]
+
+
+def plan_baseline(
+    cfg: BaselineConfig,
+    budget_gib: float,
+    device: str = "cpu",
+    *,
+    safety: float = DEFAULT_SAFETY,
+    verify: bool = True,
+    max_trials: int = 3,
+    bytes_per_pixel: float | None = None,
+    cache_file: str | os.PathLike[str] | None = None,
+) -> Plan:
+    """Choose batch size, then resolution, so a full-image baseline step stays under the budget.
+
+    Same procedure as `plan_patchgd`: prediction first, then a measured training step, shrinking
+    on a measured overshoot; "does not fit" when even batch 1 at 32 px is over the budget.
+    """
+    budget = _check_budget(budget_gib)
+    dev_type = _device_type(device)
+    if bytes_per_pixel is None:
+        bytes_per_pixel = activation_bytes_per_pixel(
+            cfg.backbone,
+            device=device,
+            bf16=cfg.use_bf16(dev_type),
+            channels_last=cfg.use_channels_last(dev_type),
+            cache_file=cache_file,
+        )
+    candidates = _baseline_candidates(cfg)
+    trials: list[dict[str, Any]] = []
+    start = 0
+    for _ in range(max_trials):
+        chosen = None
+        for pos in range(start, len(candidates)):
+            batch, size = candidates[pos]
+            estimate = estimate_baseline_bytes(
+                cfg, bytes_per_pixel=bytes_per_pixel, batch_size=batch, image_size=size
+            )
+            if estimate.total_bytes <= safety * budget:
+                chosen = (pos, batch, size, estimate)
+                break
+        if chosen is None:
+            smallest = estimate_baseline_bytes(
+                cfg, bytes_per_pixel=bytes_per_pixel, batch_size=1, image_size=32
+            )
+            reason = (
+                f"does not fit: even batch 1 at 32 px is predicted at {smallest.total_gib:.2f} GiB against a "
+                f"budget of {budget / GIB:.2f} GiB"
+            )
+            if trials:
+                reason = f"does not fit: every measured trial exceeded {budget / GIB:.2f} GiB"
+            return Plan(
+                "baseline", False, budget, None, None, smallest.total_bytes, None, reason, trials=trials
+            )
+        pos, batch, size, estimate = chosen
+        planned = dataclasses.replace(cfg, batch_size=batch, image_size=size)
+        if not verify:
+            return Plan(
+                "baseline",
+                True,
+                budget,
+                planned.to_dict(),
+                batch,
+                estimate.total_bytes,
+                None,
+                "predicted only (not verified by a measured trial)",
+                image_size=size,
+                trials=trials,
+            )
+        measured = measure_peak(
+            baseline_trial,
+            planned.to_dict(),
+            device,
+            device=device,
+            limit_bytes=int(budget * 1.02),
+            timeout_s=900,
+        )
+        trials.append(
+            {
+                "batch_size": batch,
+                "image_size": size,
+                "predicted_bytes": estimate.total_bytes,
+                **measured.to_dict(),
+            }
+        )
+        if measured.fits and measured.peak_bytes is not None and measured.peak_bytes <= budget:
+            note = "" if size == cfg.image_size else f" (resolution reduced from {cfg.image_size})"
+            return Plan(
+                "baseline",
+                True,
+                budget,
+                planned.to_dict(),
+                batch,
+                estimate.total_bytes,
+                measured.peak_bytes,
+                f"batch {batch} at {size} px{note}: measured {measured.peak_bytes / GIB:.2f} GiB of "
+                f"{budget / GIB:.2f} GiB",
+                image_size=size,
+                trials=trials,
+            )
+        if measured.status in ("error", "timeout"):
+            return Plan(
+                "baseline",
+                False,
+                budget,
+                None,
+                None,
+                estimate.total_bytes,
+                None,
+                f"trial failed: {measured.reason}",
+                trials=trials,
+            )
+        start = pos + 1
+    return Plan(
+        "baseline",
+        False,
+        budget,
+        None,
+        None,
+        None,
+        None,
+        f"does not fit: {max_trials} measured trials all exceeded {budget / GIB:.2f} GiB",
+        trials=trials,
+    )
