@@ -235,6 +235,15 @@ def test_symlink_escaping_the_folder_is_refused(tmp_path: Path) -> None:
         scan_dataset(root)
 
 
+def test_symlinked_class_folder_escaping_the_root_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    _class_tree(root, {"a": 2})
+    _class_tree(tmp_path / "elsewhere", {"b": 2})
+    (root / "b").symlink_to(tmp_path / "elsewhere" / "b", target_is_directory=True)
+    with pytest.raises(DatasetError, match="outside the dataset folder"):
+        scan_dataset(root)
+
+
 # --------------------------------------------------------------------------- resize-once cache
 
 

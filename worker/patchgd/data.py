@@ -278,10 +278,17 @@ def _read_class_folders(root: Path) -> list[tuple[Path, str, None]]:
         )
     rows: list[tuple[Path, str, None]] = []
     empty = []
+    inside = root.resolve()
     for folder in folders:
         files = sorted(p for p in folder.rglob("*") if _is_image_file(p))
         if not files:
             empty.append(folder.name)
+        # A symlinked file or folder could expose anything on the host as "training data".
+        escaping = [p for p in files if not p.resolve().is_relative_to(inside)]
+        if escaping:
+            raise DatasetError(
+                f"{escaping[0].relative_to(root)} resolves outside the dataset folder (refused)"
+            )
         rows.extend((p, folder.name, None) for p in files)
     if empty:
         raise DatasetError(f"class folder(s) without images: {', '.join(empty)}")
