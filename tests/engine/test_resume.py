@@ -19,6 +19,7 @@ from worker.patchgd.checkpoint import (
     save_checkpoint,
 )
 from worker.patchgd.config import BaselineConfig, PatchGDConfig
+from worker.patchgd.models import build_baseline_model
 from worker.patchgd.train import Progress, train
 
 
@@ -142,3 +143,14 @@ def test_unsafe_or_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_resume_does_not_need_the_pretrained_file_again(tmp_path: Path) -> None:
+    weights = tmp_path / "pretrained.pt"
+    torch.manual_seed(9)
+    torch.save(build_baseline_model(CONFIGS["baseline"], load_pretrained=False).trunk.state_dict(), weights)
+    cfg = BaselineConfig(**{**CONFIGS["baseline"].to_dict(), "pretrained_weights": str(weights)})
+    _run(cfg, checkpoint_dir=tmp_path / "run", max_steps=3)
+    weights.unlink()
+    resumed, _ = _run(cfg, resume_from=tmp_path / "run" / "last.pt")
+    assert resumed.status == "succeeded" and resumed.epochs_completed == 3

@@ -160,7 +160,9 @@ def patchgd_step(
     encoded = batch * grid.num_patches
 
     optimizer.zero_grad(set_to_none=True)
-    losses: list[float] = []
+    # Summed on the device and read once at the end: a .item() per inner iteration would stall
+    # the GPU queue k times per step.
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     optimizer_steps = 0
     chunks = _inner_chunks(grid.num_patches, k, iterations, batch, cfg.per_image_positions, generator)
     for j, chunk in enumerate(chunks):
@@ -187,7 +189,7 @@ def patchgd_step(
             logits = model.classify(z)
         loss = F.cross_entropy(_at_least_fp32(logits), labels)
         (loss / window).backward()
-        losses.append(loss.item())
+        loss_sum += loss.detach()
         encoded += batch * chunk.shape[-1]
         if j + 1 == window_start + window:
             optimizer.step()
@@ -196,7 +198,7 @@ def patchgd_step(
     if scheduler is not None:
         scheduler.step()
     return StepStats(
-        loss=sum(losses) / len(losses),
+        loss=loss_sum.item() / max(1, iterations),
         num_images=batch,
         num_patches_encoded=encoded,
         optimizer_steps=optimizer_steps,
@@ -372,7 +374,10 @@ def train(
     is_patchgd = isinstance(cfg, PatchGDConfig)
 
     seed_everything(cfg.seed)
-    model = (build_patchgd_model(cfg) if is_patchgd else build_baseline_model(cfg)).to(device)
+    # A resumed run takes every weight from the checkpoint: the pretrained file is not needed again.
+    fresh = resume_from is None
+    builder = build_patchgd_model if is_patchgd else build_baseline_model
+    model = builder(cfg, load_pretrained=fresh).to(device)  # type: ignore[arg-type]
     if cfg.use_channels_last(device.type):
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
