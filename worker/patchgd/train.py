@@ -141,6 +141,12 @@ def patchgd_step(
 
     ``max_inner_iterations`` stops early (memory measurement: the peak is reached on the first
     inner iteration). ``scheduler`` advances once per outer step.
+
+    With the default full-sweep accumulation the summed gradient equals the full-image gradient
+    of the patch-decomposed model (tests/engine/test_gradients.py). That holds for any per-patch
+    function; in train mode BatchNorm normalises each chunk with its own batch statistics and
+    dropout draws new masks, exactly as in the reference, so there the "full image" is the sum
+    over those per-chunk functions.
     """
     started = time.perf_counter()
     device = _model_device(model)
@@ -365,6 +371,9 @@ def train(
     ``checkpoint_dir/last.pt`` after every epoch; ``resume_from`` continues from one as if the run
     had never stopped. ``should_stop`` is checked before every step (cancellation);
     ``max_steps`` ends the run after that many steps in total.
+
+    Resume is bit-exact on CPU (tests/engine/test_resume.py); on CUDA it is exact up to the
+    nondeterministic cuDNN kernels, which we keep for speed.
     """
     started = time.perf_counter()
     device = torch.device(device)
