@@ -210,6 +210,15 @@ def _child_main(conn: Any, fn_spec: Any, args: tuple, kwargs: dict, device: str,
         conn.send((outcome[0], outcome[1], outcome[2], f"result not transferable: {exc}", None))
 
 
+def _apply_limit(
+    status: str, peak: int | None, reason: str | None, limit: int | None
+) -> tuple[str, str | None]:
+    """A finished workload whose peak went over `limit` counts as out of memory."""
+    if status == "ok" and limit is not None and peak is not None and peak > limit:
+        return "out_of_memory", f"peak {peak / GIB:.2f} GiB exceeds the limit {limit / GIB:.2f} GiB"
+    return status, reason
+
+
 def _child_context() -> Any:
     """Fresh-process isolation without paying a torch import per measurement.
 
@@ -247,11 +256,7 @@ def measure_peak(
         status, peak, baseline, reason, result = _run_measured(
             _resolve(fn_spec), args, kwargs, device, interval_s
         )
-        if status == "ok" and limit_bytes is not None and peak is not None and peak > limit_bytes:
-            status, reason = (
-                "out_of_memory",
-                f"peak {peak / GIB:.2f} GiB exceeds the limit {limit_bytes / GIB:.2f} GiB",
-            )
+        status, reason = _apply_limit(status, peak, reason, limit_bytes)
         return MemoryMeasurement(
             device, status, peak, baseline, time.perf_counter() - started, reason, result
         )
@@ -286,7 +291,8 @@ def measure_peak(
             if timeout_s is not None and time.perf_counter() - started > timeout_s:
                 stopped_reason = f"timeout after {timeout_s:.0f} s"
                 break
-            if limit_bytes is not None and baseline is not None:
+            # RSS says nothing about GPU memory: on CUDA the limit is checked on the reported peak.
+            if limit_bytes is not None and baseline is not None and not device.startswith("cuda"):
                 try:
                     rss = watched.memory_info().rss
                 except psutil.NoSuchProcess:
@@ -305,6 +311,7 @@ def measure_peak(
     wall = time.perf_counter() - started
     if outcome is not None:
         status, peak, base, reason, result = outcome
+        status, reason = _apply_limit(status, peak, reason, limit_bytes)
         return MemoryMeasurement(
             device, status, peak, base if base is not None else baseline, wall, reason, result
         )

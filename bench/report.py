@@ -1,0 +1,62 @@
+"""Markdown tables from benchmark JSON (what docs/benchmarks.md quotes).
+
+python -m bench.report bench/results/memory_cpu.json bench/results/throughput_cpu.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+GIB = 2**30
+
+
+def _gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / GIB:.2f}"
+
+
+def memory_table(payload: dict[str, Any]) -> str:
+    """One row per measurement: predicted vs measured peak, status."""
+    lines = [
+        "| backbone | algorithm | input | image | P / k | predicted GiB | measured GiB | status |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in payload["rows"]:
+        source = {"tensor": "in memory", "stream": "streamed TIFF"}[r["source"]]
+        pk = f"{r['patch_size']} / {r['k']}" if r["algorithm"] == "patchgd" else "-"
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason') or ''}"
+        lines.append(
+            f"| {r['backbone']} | {r['algorithm']} | {source} | {r['image_size']}² | {pk} | "
+            f"{_gib(r.get('predicted_bytes'))} | {_gib(r.get('measured_bytes'))} | {status} |"
+        )
+    return "\n".join(lines)
+
+
+def throughput_table(payload: dict[str, Any]) -> str:
+    """One row per configuration: step time, ideal time, ratio, rates."""
+    lines = [
+        "| backbone | image | P | k | batch | inner its | step s | ideal s | ratio | images/s | patches/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in payload["rows"]:
+        lines.append(
+            f"| {r['backbone']} | {r['image_size']}² | {r['patch_size']} | {r['k']} | {r['batch_size']} | "
+            f"{r['inner_iterations']} | {r['step_s']:.2f} | {r['ideal_s']:.2f} | {r['ratio']:.2f} | "
+            f"{r['images_per_s']:.3f} | {r['patches_per_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Print a table for every JSON file given on the command line."""
+    for name in sys.argv[1:]:
+        payload = json.loads(Path(name).read_text())
+        print(f"### {name}\n")
+        print(memory_table(payload) if payload["benchmark"] == "memory" else throughput_table(payload))
+        print()
+
+
+if __name__ == "__main__":
+    main()
