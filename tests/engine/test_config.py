@@ -86,7 +86,7 @@ def test_from_dict_rejects_unknown_and_missing_keys() -> None:
         config_from_dict("dino", {"num_classes": 2})
 
 
-def test_precision_and_memory_format_resolve_per_device() -> None:
+def test_precision_and_channels_last_resolve_per_device() -> None:
     cfg = PatchGDConfig(num_classes=2, image_size=128, patch_size=32)
     assert cfg.use_bf16("cuda") and not cfg.use_bf16("cpu")
     assert cfg.use_channels_last("cuda") and not cfg.use_channels_last("cpu")
