@@ -25,7 +25,7 @@ def memory_table(payload: dict[str, Any]) -> str:
     ]
     for r in payload["rows"]:
         source = {"tensor": "in memory", "stream": "streamed TIFF"}[r["source"]]
-        pk = f"{r['patch_size']} / {r['k']}" if r["algorithm"] == "patchgd" else "-"
+        pk = f"{r['patch_size']} / {r['k']}" if "patch_size" in r else "-"
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason') or ''}"
         lines.append(
             f"| {r['backbone']} | {r['algorithm']} | {source} | {r['image_size']}² | {pk} | "
@@ -49,12 +49,43 @@ def throughput_table(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def planner_table(payload: dict[str, Any]) -> str:
+    """One row per planner scenario: requested, budget, chosen, predicted vs measured."""
+    lines = [
+        "| algorithm | backbone | requested | budget GiB | chosen | predicted GiB | measured GiB | result |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in payload["rows"]:
+        measured = "-" if r["measured_gib"] is None else f"{r['measured_gib']:.2f}"
+        predicted = "-" if r["predicted_gib"] is None else f"{r['predicted_gib']:.2f}"
+        lines.append(
+            f"| {r['algorithm']} | {r['backbone']} | {r['requested']} | {r['budget_gib']} | {r['chosen']} | "
+            f"{predicted} | {measured} | {r['reason']} |"
+        )
+    return "\n".join(lines)
+
+
+TABLES = {"memory": memory_table, "throughput": throughput_table, "planner": planner_table}
+
+
 def main() -> None:
-    """Print a table for every JSON file given on the command line."""
-    for name in sys.argv[1:]:
+    """Print a table for every JSON file given on the command line (or merge memory runs into a plot)."""
+    args = sys.argv[1:]
+    if args[:1] == ["--plot"]:
+        from bench.memory import plot
+
+        payloads = [json.loads(Path(name).read_text()) for name in args[2:]]
+        merged = {
+            **payloads[0],
+            "rows": [row for p in payloads for row in p["rows"] if row["status"] != "skipped"],
+        }
+        plot(merged, Path(args[1]))
+        print(f"wrote {args[1]}")
+        return
+    for name in args:
         payload = json.loads(Path(name).read_text())
         print(f"### {name}\n")
-        print(memory_table(payload) if payload["benchmark"] == "memory" else throughput_table(payload))
+        print(TABLES[payload["benchmark"]](payload))
         print()
 
 

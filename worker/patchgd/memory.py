@@ -533,6 +533,26 @@ def estimate_baseline_bytes(
 # --------------------------------------------------------------------------- measured trials
 
 
+def warm_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Allocate the optimizer's state the way every step after the first has it.
+
+    A measured trial runs one (partial) step, and Adam creates its moment buffers only at its
+    first ``step()``, after the activations are gone. From the second step on those buffers live
+    through the whole forward/backward, so a trial without them under-reports the steady-state
+    peak by 8 bytes per parameter. A step with zero gradients creates them and moves no weight
+    (Adam's update is zero for a zero gradient; weight decay is switched off for it).
+    """
+    decays = [group["weight_decay"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["weight_decay"] = 0.0
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group, decay in zip(optimizer.param_groups, decays, strict=True):
+        group["weight_decay"] = decay
+
+
 def patchgd_trial(cfg_dict: dict[str, Any], device: str, inner_iterations: int = 1) -> dict[str, float]:
     """A partial PatchGD outer step (fill pass + `inner_iterations` inner iterations) on random
     images: the workload the planner and benchmarks measure. Runs inside `measure_peak`."""
@@ -541,6 +561,7 @@ def patchgd_trial(cfg_dict: dict[str, Any], device: str, inner_iterations: int =
     model = build_patchgd_model(cfg, load_pretrained=False).to(device)
     model.train()
     optimizer = build_optimizer(model, cfg)
+    warm_optimizer_state(model, optimizer)
     images = torch.randn(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, generator=generator)
     labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=generator)
     source = TensorPatchSource(images.to(device), cfg.grid)
@@ -557,6 +578,7 @@ def baseline_trial(cfg_dict: dict[str, Any], device: str) -> dict[str, float]:
     model = build_baseline_model(cfg, load_pretrained=False).to(device)
     model.train()
     optimizer = build_optimizer(model, cfg)
+    warm_optimizer_state(model, optimizer)
     images = torch.randn(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, generator=generator)
     labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=generator)
     stats = baseline_step(model, optimizer, images.to(device), labels, cfg)
