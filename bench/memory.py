@@ -15,6 +15,7 @@ analytic model's prediction. Baseline sizes whose prediction exceeds `--guard-gi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ from worker.patchgd.config import BaselineConfig, PatchGDConfig
 from worker.patchgd.data import StreamingPatchSource, open_region_reader, write_pyramidal_tiff
 from worker.patchgd.memory import (
     GIB,
-    activation_bytes_per_pixel,
     baseline_trial,
+    calibrate_backbone,
     estimate_baseline_bytes,
     estimate_patchgd_bytes,
     measure_peak,
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     precision = args.precision
     caps = _parse_caps(args.cap)
     rows: list[dict[str, Any]] = []
-    calibration: dict[str, float] = {}
+    calibration: dict[str, dict[str, float]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="tessera-bench-"))
     for backbone in args.backbones.split(","):
         cap = caps.get(backbone)
@@ -81,15 +82,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             num_classes=2, backbone=backbone, precision=precision, channels_last=args.channels_last
         )
         dev_type = "cuda" if device.startswith("cuda") else "cpu"
-        c = activation_bytes_per_pixel(
+        cal = calibrate_backbone(
             backbone,
             device=device,
             bf16=probe.use_bf16(dev_type),
             channels_last=probe.use_channels_last(dev_type),
             patch_size=args.patch,
         )
-        calibration[backbone] = c
-        print(f"[{backbone}] calibrated activations: {c:.0f} bytes per input pixel (forward + backward)")
+        calibration[backbone] = dataclasses.asdict(cal)
+        print(
+            f"[{backbone}] calibrated: {cal.bytes_per_pixel:.0f} bytes per input pixel (forward + backward), "
+            f"fixed overhead {cal.overhead_bytes / 2**20:.0f} MiB"
+        )
+        model_terms = {"bytes_per_pixel": cal.bytes_per_pixel, "overhead_bytes": cal.overhead_bytes}
         sweeps = [("patchgd", "tensor", s) for s in _parse_sizes(args.sizes)]
         sweeps += [("patchgd", "stream", s) for s in _parse_sizes(args.stream_sizes)]
         sweeps += [("baseline", "tensor", s) for s in _parse_sizes(args.baseline_sizes)]
@@ -119,7 +124,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     channels_last=args.channels_last,
                 )
                 row.update(patch_size=args.patch, k=cfg.k, grid=cfg.grid.n, inner_iterations_run=args.inner)
-                estimate = estimate_patchgd_bytes(cfg, bytes_per_pixel=c, streaming=source == "stream")
+                estimate = estimate_patchgd_bytes(cfg, **model_terms, streaming=source == "stream")
                 if source == "stream":
                     tiff = tmp / f"slide_{size}.tif"
                     if not tiff.exists():
@@ -153,7 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     precision=precision,
                     channels_last=args.channels_last,
                 )
-                estimate = estimate_baseline_bytes(cfg_b, bytes_per_pixel=c)
+                estimate = estimate_baseline_bytes(cfg_b, **model_terms)
                 if estimate.total_bytes > args.guard_gib * GIB:
                     row.update(
                         predicted_bytes=estimate.total_bytes,
@@ -210,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "note": "PatchGD rows: fill pass + first inner iteration(s) of one outer step, batch 1. "
         "Baseline rows: one full-image training step, batch 1. Bytes are peak over the measuring "
         "process's baseline (RSS on CPU, CUDA allocator peak on GPU).",
-        "bytes_per_pixel": calibration,
+        "calibration": calibration,
         "rows": rows,
     }
 

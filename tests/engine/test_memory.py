@@ -10,9 +10,10 @@ import torch
 from worker.patchgd.config import BaselineConfig, PatchGDConfig
 from worker.patchgd.memory import (
     GIB,
+    Calibration,
     RssSampler,
-    activation_bytes_per_pixel,
     allocate_and_touch,
+    calibrate_backbone,
     estimate_baseline_bytes,
     estimate_patchgd_bytes,
     measure_peak,
@@ -95,13 +96,16 @@ def test_estimate_terms_scale_as_the_model_says() -> None:
 
 def test_planner_choice_is_measured_under_the_budget(tmp_path) -> None:
     cfg = _small_cfg()
-    c = activation_bytes_per_pixel("mobilenet_v3_small", cache_file=tmp_path / "calibration.json")
-    assert 100 < c < 5000
+    calibration = calibrate_backbone("mobilenet_v3_small", cache_file=tmp_path / "calibration.json")
+    assert 100 < calibration.bytes_per_pixel < 5000
+    assert 0 <= calibration.overhead_bytes < 500 * MIB
     assert (tmp_path / "calibration.json").is_file()
     budget_gib = 0.25
-    wanted = estimate_patchgd_bytes(cfg, bytes_per_pixel=c)
+    wanted = estimate_patchgd_bytes(
+        cfg, bytes_per_pixel=calibration.bytes_per_pixel, overhead_bytes=calibration.overhead_bytes
+    )
     assert wanted.total_bytes > budget_gib * GIB  # the requested k=16, batch 2 does not fit
-    plan = plan_patchgd(cfg, budget_gib, bytes_per_pixel=c)
+    plan = plan_patchgd(cfg, budget_gib, calibration=calibration)
     assert plan.fits, plan.reason
     assert plan.batch_size == 2 and plan.patches_per_step < 16  # k shrinks before the batch does
     assert plan.predicted_bytes <= 0.85 * budget_gib * GIB
@@ -115,11 +119,11 @@ def test_planner_choice_is_measured_under_the_budget(tmp_path) -> None:
 
 
 def test_impossible_budget_does_not_fit() -> None:
-    plan = plan_patchgd(_small_cfg(), 0.01, bytes_per_pixel=500.0)
+    plan = plan_patchgd(_small_cfg(), 0.01, calibration=Calibration(500.0, 0))
     assert not plan.fits and plan.reason.startswith("does not fit")
     assert "parameters, gradients and optimizer state" in plan.reason and plan.trials == []
     base = BaselineConfig(num_classes=3, backbone="resnet50", image_size=512, batch_size=2)
-    plan_b = plan_baseline(base, 0.2, bytes_per_pixel=1900.0)
+    plan_b = plan_baseline(base, 0.2, calibration=Calibration(1900.0, 0))
     assert not plan_b.fits and "does not fit" in plan_b.reason
     with pytest.raises(ValueError, match="positive number of GiB"):
         plan_patchgd(_small_cfg(), -1)
@@ -127,9 +131,9 @@ def test_impossible_budget_does_not_fit() -> None:
 
 def test_baseline_planner_shrinks_batch_then_resolution() -> None:
     base = BaselineConfig(num_classes=3, backbone="mobilenet_v3_small", image_size=512, batch_size=4)
-    batch_only = plan_baseline(base, 0.2, bytes_per_pixel=548.0, verify=False)
+    batch_only = plan_baseline(base, 0.2, calibration=Calibration(548.0, 0), verify=False)
     assert batch_only.fits and batch_only.image_size == 512 and 1 <= batch_only.batch_size < 4
-    resized = plan_baseline(base, 0.1, bytes_per_pixel=548.0, verify=False)
+    resized = plan_baseline(base, 0.1, calibration=Calibration(548.0, 0), verify=False)
     assert resized.fits and resized.batch_size == 1
     assert resized.image_size < 512 and resized.image_size % 32 == 0
     assert resized.predicted_bytes <= 0.85 * 0.1 * GIB

@@ -378,10 +378,27 @@ def calibration_workload(
     return float(out.detach().float().abs().sum())
 
 
-_CALIBRATION: dict[str, float] = {}
+@dataclass(frozen=True)
+class Calibration:
+    """Measured memory behaviour of one backbone on one device, precision and memory format.
+
+    ``bytes_per_pixel`` (c) is the training activation memory per input pixel (forward +
+    backward); ``overhead_bytes`` is what one training step costs beyond parameters, gradients and
+    c x pixels: kernel workspaces, autograd bookkeeping, allocator slack. It does not grow with
+    the number of patches, so the analytic model adds it once.
+    """
+
+    bytes_per_pixel: float
+    overhead_bytes: int
 
 
-def activation_bytes_per_pixel(
+_CALIBRATION: dict[str, Calibration] = {}
+# Patch counts of the two calibration runs: their difference is pure activation memory, and a
+# difference of several patches keeps allocator noise small relative to it.
+_CALIBRATION_COUNTS = (2, 6)
+
+
+def calibrate_backbone(
     backbone: str,
     *,
     device: str = "cpu",
@@ -389,24 +406,28 @@ def activation_bytes_per_pixel(
     channels_last: bool = False,
     patch_size: int = 128,
     cache_file: str | os.PathLike[str] | None = None,
-) -> float:
-    """Bytes of training activations per input pixel (forward + backward) for `backbone`.
+) -> Calibration:
+    """Measure (once) c and the fixed overhead of a training step for `backbone`.
 
-    Measured once as the peak difference between a 1-patch and a 3-patch forward/backward, then
-    cached in memory and, if given, in the JSON `cache_file` (keyed by backbone, device type,
-    precision and memory format).
+    c is the peak difference between a 2-patch and a 6-patch forward/backward divided by the
+    extra pixels; the overhead is what the 2-patch peak holds beyond parameters, gradients and
+    c x pixels. Cached in memory and, if given, in the JSON `cache_file` (keyed by backbone,
+    device type, precision, memory format and patch size).
     """
-    key = f"{backbone}|{_device_type(device)}|{'bf16' if bf16 else 'fp32'}|{'cl' if channels_last else 'cf'}"
+    precision = "bf16" if bf16 else "fp32"
+    layout = "cl" if channels_last else "cf"
+    key = f"{backbone}|{_device_type(device)}|{precision}|{layout}|{patch_size}"
     if key in _CALIBRATION:
         return _CALIBRATION[key]
-    stored: dict[str, float] = {}
+    stored: dict[str, dict[str, float]] = {}
     if cache_file is not None and Path(cache_file).is_file():
         stored = json.loads(Path(cache_file).read_text())
         if key in stored:
-            _CALIBRATION[key] = float(stored[key])
+            entry = stored[key]
+            _CALIBRATION[key] = Calibration(float(entry["bytes_per_pixel"]), int(entry["overhead_bytes"]))
             return _CALIBRATION[key]
     peaks = []
-    for count in (1, 3):
+    for count in _CALIBRATION_COUNTS:
         result = measure_peak(
             "worker.patchgd.memory:calibration_workload",
             backbone,
@@ -422,13 +443,38 @@ def activation_bytes_per_pixel(
         if not result.fits or result.peak_bytes is None:
             raise RuntimeError(f"calibration of {backbone} failed: {result.reason}")
         peaks.append(result.peak_bytes)
-    per_pixel = max(peaks[1] - peaks[0], 0) / (2 * patch_size * patch_size)
-    _CALIBRATION[key] = per_pixel
+    small, large = _CALIBRATION_COUNTS
+    pixels = patch_size * patch_size
+    per_pixel = max(peaks[1] - peaks[0], 0) / ((large - small) * pixels)
+    params = sum(p.numel() for p in build_backbone(backbone, 256).parameters())
+    overhead = max(0, int(peaks[0] - small * per_pixel * pixels - 2 * FLOAT_BYTES * params))
+    calibration = Calibration(per_pixel, overhead)
+    _CALIBRATION[key] = calibration
     if cache_file is not None:
-        stored[key] = per_pixel
+        stored[key] = dataclasses.asdict(calibration)
         Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
         Path(cache_file).write_text(json.dumps(stored, indent=2, sort_keys=True))
-    return per_pixel
+    return calibration
+
+
+def activation_bytes_per_pixel(
+    backbone: str,
+    *,
+    device: str = "cpu",
+    bf16: bool = False,
+    channels_last: bool = False,
+    patch_size: int = 128,
+    cache_file: str | os.PathLike[str] | None = None,
+) -> float:
+    """Bytes of training activations per input pixel (forward + backward): c of `calibrate_backbone`."""
+    return calibrate_backbone(
+        backbone,
+        device=device,
+        bf16=bf16,
+        channels_last=channels_last,
+        patch_size=patch_size,
+        cache_file=cache_file,
+    ).bytes_per_pixel
 
 
 # --------------------------------------------------------------------------- analytic model
@@ -484,13 +530,15 @@ def estimate_patchgd_bytes(
     streaming: bool = False,
     batch_size: int | None = None,
     patches_per_step: int | None = None,
+    overhead_bytes: int = 0,
 ) -> MemoryEstimate:
     """Predicted peak of one PatchGD training step.
 
     params + grads + Adam state (16 B/param) + k*B*c*P^2 activations of the patches re-encoded
     with gradient + Z (the map, its grad-carrying copy and its gradient) + head activations + the
     image buffer (the whole normalized batch in memory, or only the patches in flight when
-    streaming). `bytes_per_pixel` is c from `activation_bytes_per_pixel`.
+    streaming) + the calibrated fixed overhead of a step. `bytes_per_pixel` and
+    `overhead_bytes` come from `calibrate_backbone`.
     """
     batch = cfg.batch_size if batch_size is None else batch_size
     k = cfg.k if patches_per_step is None else patches_per_step
@@ -508,6 +556,7 @@ def estimate_patchgd_bytes(
         "latent_map": 3 * z_cells * FLOAT_BYTES,
         "head_activations": head_act,
         "image_buffer": (pixels_in_flight if streaming else batch * 3 * s * s) * FLOAT_BYTES,
+        "runtime_overhead": overhead_bytes,
     }
     return MemoryEstimate(sum(terms.values()), terms)
 
@@ -518,14 +567,17 @@ def estimate_baseline_bytes(
     bytes_per_pixel: float,
     batch_size: int | None = None,
     image_size: int | None = None,
+    overhead_bytes: int = 0,
 ) -> MemoryEstimate:
-    """Predicted peak of one full-image baseline step: params/grads/Adam + B*c*S^2 + the image."""
+    """Predicted peak of one full-image baseline step: params/grads/Adam + B*c*S^2 + the image +
+    the calibrated fixed overhead."""
     batch = cfg.batch_size if batch_size is None else batch_size
     s = cfg.image_size if image_size is None else image_size
     terms = {
         "params_grads_optimizer": ADAM_BYTES_PER_PARAM * _baseline_param_count(cfg),
         "activations": int(math.ceil(batch * bytes_per_pixel * s * s)),
         "image_buffer": batch * 3 * s * s * FLOAT_BYTES,
+        "runtime_overhead": overhead_bytes,
     }
     return MemoryEstimate(sum(terms.values()), terms)
 
@@ -658,11 +710,12 @@ def plan_patchgd(
     safety: float = DEFAULT_SAFETY,
     verify: bool = True,
     max_trials: int = 3,
-    bytes_per_pixel: float | None = None,
+    calibration: Calibration | None = None,
     cache_file: str | os.PathLike[str] | None = None,
 ) -> Plan:
     """Choose batch size and k (patches per inner step) so a PatchGD step stays under the budget.
 
+    `calibration` defaults to a (cached) measurement of the backbone on `device`.
     The analytic model picks the first (batch, k) whose prediction is under `safety` x budget
     (keeping the batch and shrinking k first), then a measured trial (fill pass + one inner
     iteration) confirms it; a measured peak over the budget shrinks the choice and tries again.
@@ -670,10 +723,14 @@ def plan_patchgd(
     budget = _check_budget(budget_gib)
     dev_type = _device_type(device)
     bf16, channels_last = cfg.use_bf16(dev_type), cfg.use_channels_last(dev_type)
-    if bytes_per_pixel is None:
-        bytes_per_pixel = activation_bytes_per_pixel(
+    if calibration is None:
+        calibration = calibrate_backbone(
             cfg.backbone, device=device, bf16=bf16, channels_last=channels_last, cache_file=cache_file
         )
+    model_terms = {
+        "bytes_per_pixel": calibration.bytes_per_pixel,
+        "overhead_bytes": calibration.overhead_bytes,
+    }
     candidates = _patchgd_candidates(cfg)
     trials: list[dict[str, Any]] = []
     start = 0
@@ -681,16 +738,12 @@ def plan_patchgd(
         chosen = None
         for pos in range(start, len(candidates)):
             batch, k = candidates[pos]
-            estimate = estimate_patchgd_bytes(
-                cfg, bytes_per_pixel=bytes_per_pixel, batch_size=batch, patches_per_step=k
-            )
+            estimate = estimate_patchgd_bytes(cfg, **model_terms, batch_size=batch, patches_per_step=k)
             if estimate.total_bytes <= safety * budget:
                 chosen = (pos, batch, k, estimate)
                 break
         if chosen is None:
-            smallest = estimate_patchgd_bytes(
-                cfg, bytes_per_pixel=bytes_per_pixel, batch_size=1, patches_per_step=1
-            )
+            smallest = estimate_patchgd_bytes(cfg, **model_terms, batch_size=1, patches_per_step=1)
             reason = (
                 f"does not fit: even batch 1 with k=1 is predicted at {smallest.total_gib:.2f} GiB "
                 f"(parameters, gradients and optimizer state alone "
@@ -790,7 +843,7 @@ def plan_baseline(
     safety: float = DEFAULT_SAFETY,
     verify: bool = True,
     max_trials: int = 3,
-    bytes_per_pixel: float | None = None,
+    calibration: Calibration | None = None,
     cache_file: str | os.PathLike[str] | None = None,
 ) -> Plan:
     """Choose batch size, then resolution, so a full-image baseline step stays under the budget.
@@ -800,14 +853,18 @@ def plan_baseline(
     """
     budget = _check_budget(budget_gib)
     dev_type = _device_type(device)
-    if bytes_per_pixel is None:
-        bytes_per_pixel = activation_bytes_per_pixel(
+    if calibration is None:
+        calibration = calibrate_backbone(
             cfg.backbone,
             device=device,
             bf16=cfg.use_bf16(dev_type),
             channels_last=cfg.use_channels_last(dev_type),
             cache_file=cache_file,
         )
+    model_terms = {
+        "bytes_per_pixel": calibration.bytes_per_pixel,
+        "overhead_bytes": calibration.overhead_bytes,
+    }
     candidates = _baseline_candidates(cfg)
     trials: list[dict[str, Any]] = []
     start = 0
@@ -815,16 +872,12 @@ def plan_baseline(
         chosen = None
         for pos in range(start, len(candidates)):
             batch, size = candidates[pos]
-            estimate = estimate_baseline_bytes(
-                cfg, bytes_per_pixel=bytes_per_pixel, batch_size=batch, image_size=size
-            )
+            estimate = estimate_baseline_bytes(cfg, **model_terms, batch_size=batch, image_size=size)
             if estimate.total_bytes <= safety * budget:
                 chosen = (pos, batch, size, estimate)
                 break
         if chosen is None:
-            smallest = estimate_baseline_bytes(
-                cfg, bytes_per_pixel=bytes_per_pixel, batch_size=1, image_size=32
-            )
+            smallest = estimate_baseline_bytes(cfg, **model_terms, batch_size=1, image_size=32)
             reason = (
                 f"does not fit: even batch 1 at 32 px is predicted at {smallest.total_gib:.2f} GiB against a "
                 f"budget of {budget / GIB:.2f} GiB"
