@@ -719,6 +719,8 @@ def plan_patchgd(
     The analytic model picks the first (batch, k) whose prediction is under `safety` x budget
     (keeping the batch and shrinking k first), then a measured trial (fill pass + one inner
     iteration) confirms it; a measured peak over the budget shrinks the choice and tries again.
+    Prediction and trial hold the whole batch of images in memory, so for streamed inputs the
+    plan is conservative by that buffer (B x 3 x S^2 x 4 bytes).
     """
     budget = _check_budget(budget_gib)
     dev_type = _device_type(device)
