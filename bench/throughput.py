@@ -134,7 +134,7 @@ def plot(payload: dict[str, Any], path: Any) -> None:
     ax.set_xticks(list(xs), labels, fontsize=8)
     ax.set_ylabel("seconds per outer step (median)")
     ax.set_title(f"PatchGD step vs ideal, {payload['machine']['device']}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

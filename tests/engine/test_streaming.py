@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image
 
@@ -109,6 +110,18 @@ def test_unaligned_regions_across_tiles_and_edges(tmp_path: Path) -> None:
         assert source.patches(torch.arange(49)).shape == (1, 49, 3, 16, 16)
         with pytest.raises(ValueError, match="one image"):
             source.patches(torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_grey_tiff_streams_as_rgb_and_palette_is_refused(tmp_path: Path) -> None:
+    grey = np.arange(64 * 48, dtype=np.uint32).reshape(48, 64).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "grey.tif", grey, tile=(16, 16), photometric="minisblack")
+    with open_region_reader(tmp_path / "grey.tif") as reader:
+        region = reader.read_region(10, 5, 30, 20)
+    assert region.shape == (20, 30, 3) and np.array_equal(region[:, :, 1], grey[5:25, 10:40])
+    colormap = np.zeros((3, 256), np.uint16)
+    tifffile.imwrite(tmp_path / "palette.tif", grey, tile=(16, 16), photometric="palette", colormap=colormap)
+    with pytest.raises(ImageError, match="photometric PALETTE cannot be streamed"):
+        open_region_reader(tmp_path / "palette.tif")
 
 
 def test_ordinary_images_and_bad_files(tmp_path: Path) -> None:

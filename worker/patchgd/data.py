@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
+import tifffile
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
@@ -531,8 +532,6 @@ class TiffRegionReader(RegionReader):
     segments that overlap the region; a small LRU of decoded segments serves neighbouring reads."""
 
     def __init__(self, path: Path, *, cache_bytes: int = 32 << 20) -> None:
-        import tifffile
-
         self._tif = tifffile.TiffFile(path)
         self._lock = threading.Lock()
         try:
@@ -554,6 +553,10 @@ class TiffRegionReader(RegionReader):
     def _check_page(page, path: Path) -> None:
         if page.dtype != np.uint8 or page.planarconfig != 1 or page.imagedepth != 1:
             raise ImageError(f"{path.name}: only 8-bit interleaved TIFF images can be streamed")
+        # Grey, RGB and YCbCr (decoded to RGB by the JPEG codec); palette or inverted grey would
+        # need a colour conversion that training data should not depend on.
+        if int(page.photometric) not in (1, 2, 6):
+            raise ImageError(f"{path.name}: TIFF photometric {page.photometric.name} cannot be streamed")
         if page.samplesperpixel not in (1, 3, 4):
             raise ImageError(f"{path.name}: {page.samplesperpixel} samples per pixel are not supported")
 
@@ -615,6 +618,7 @@ class OpenSlideRegionReader(RegionReader):
     """Region reads through OpenSlide (SVS, NDPI, MRXS, SCN, generic tiled TIFF, ...)."""
 
     def __init__(self, path: Path) -> None:
+        # Imported here: it loads the native OpenSlide library, which only this reader needs.
         import openslide
 
         try:
@@ -688,8 +692,6 @@ def open_region_reader(
     if backend == "openslide":
         reader = OpenSlideRegionReader(source)
     elif backend == "tifffile":
-        import tifffile
-
         try:
             reader = TiffRegionReader(source)
         except (tifffile.TiffFileError, ValueError, IndexError, OSError) as exc:
@@ -814,8 +816,6 @@ def write_pyramidal_tiff(
     `tile_fn(downsample, x, y, w, h)` produces each tile (default: `synthetic_region`). Without
     `levels`, halves the image while it stays >= one tile (at most 7 levels).
     """
-    import tifffile
-
     width, height = (size, size) if isinstance(size, int) else size
     if tile % 16:
         raise ValueError("tile must be a multiple of 16 (TIFF requirement)")
