@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import SyncClient
+from tests.conftest import SyncClient
 
 from backend.main import create_app
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from conftest import login_form_token
+from tests.conftest import login_form_token
 from sqlalchemy import select, update
 
 from backend.db import session_scope

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import TestUser
+from tests.conftest import TestUser
 from sqlalchemy import select
 
 from backend.db import session_scope
