@@ -1,12 +1,13 @@
 """Peak training memory vs image size: PatchGD (in-memory and streaming input) and the baseline.
 
 PatchGD is measured over a PARTIAL outer step: the fill pass over every patch plus the first
-`--inner` inner iteration(s). The peak of a full step is reached in the first inner iteration
-(the later ones allocate the same tensors again), so this is the step's peak at a fraction of
-the time. The baseline is one full-image training step. Every measurement runs in a child
-process (peak RSS over the child's baseline on CPU; allocator peak on CUDA) next to the
-analytic model's prediction. Baseline sizes whose prediction exceeds `--guard-gib` are not run
-(the machine would start swapping or kill processes) and are recorded as "does not fit".
+`--inner` inner iterations (default 2). From the second inner iteration on, gradients and Adam
+state are alive through forward and backward and every later iteration allocates the same
+tensors again, so this is the step's steady-state peak at a fraction of the time. The baseline
+is one full-image training step. Every measurement runs in a child process (peak RSS over the
+child's baseline on CPU; allocator peak on CUDA) next to the analytic model's prediction.
+Baseline sizes whose prediction exceeds `--guard-gib` are not run (the machine would start
+swapping or kill processes) and are recorded as "does not fit".
 
     python -m bench.memory                       # the CPU sweep behind docs/benchmarks.md
     python -m bench.memory --backbones resnet18 --sizes 512,1024 --stream-sizes 1024 --name quick
@@ -297,7 +298,7 @@ def main() -> None:
     parser.add_argument("--baseline-sizes", default="512,1024,2048,4096,8192")
     parser.add_argument("--patch", type=int, default=256)
     parser.add_argument("--k", type=int, default=8, help="patches re-encoded with gradient per inner step")
-    parser.add_argument("--inner", type=int, default=1, help="inner iterations measured after the fill pass")
+    parser.add_argument("--inner", type=int, default=2, help="inner iterations measured after the fill pass")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     parser.add_argument("--channels-last", dest="channels_last", default="auto")
     parser.add_argument(

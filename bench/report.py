@@ -75,10 +75,14 @@ def main() -> None:
         from bench.memory import plot
 
         payloads = [json.loads(Path(name).read_text()) for name in args[2:]]
-        merged = {
-            **payloads[0],
-            "rows": [row for p in payloads for row in p["rows"] if row["status"] != "skipped"],
-        }
+        # The first file wins where runs overlap, so each curve comes from one calibration.
+        rows: dict[tuple, dict[str, Any]] = {}
+        for payload in payloads:
+            for row in payload["rows"]:
+                key = (row["backbone"], row["algorithm"], row["source"], row["image_size"])
+                if row["status"] != "skipped" and key not in rows:
+                    rows[key] = row
+        merged = {**payloads[0], "rows": list(rows.values())}
         plot(merged, Path(args[1]))
         print(f"wrote {args[1]}")
         return
