@@ -71,12 +71,17 @@ def _parse_caps(items: list[str]) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the sweep described by the command-line arguments; returns the JSON payload."""
+    # The generated slides can be gigabytes on disk: they live only as long as the sweep.
+    with tempfile.TemporaryDirectory(prefix="tessera-bench-") as slides:
+        return _sweep(args, Path(slides))
+
+
+def _sweep(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     device = args.device
     precision = args.precision
     caps = _parse_caps(args.cap)
     rows: list[dict[str, Any]] = []
     calibration: dict[str, dict[str, float]] = {}
-    tmp = Path(tempfile.mkdtemp(prefix="tessera-bench-"))
     for backbone in args.backbones.split(","):
         cap = caps.get(backbone)
         probe = PatchGDConfig(
