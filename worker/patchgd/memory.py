@@ -722,6 +722,137 @@ def _with(cfg: PatchGDConfig, batch: int, k: int) -> PatchGDConfig:
     )
 
 
+@dataclass
+class _Candidate:
+    """One setting the planner may choose, with its predicted peak."""
+
+    batch_size: int
+    estimate: MemoryEstimate
+    config: PatchGDConfig | BaselineConfig
+    label: str  # "batch 2, k=8" / "batch 1 at 1024 px": how the user reads the choice
+    trial_args: tuple[Any, ...]
+    fields: dict[str, Any]  # patches_per_step or image_size, reported on the Plan
+
+
+def _search(
+    algorithm: str,
+    candidates: list[_Candidate],
+    budget: int,
+    device: str,
+    trial: Callable[..., Any],
+    *,
+    safety: float,
+    verify: bool,
+    max_trials: int,
+    nothing_fits: str,
+) -> Plan:
+    """Walk the candidates in order of preference: the first predicted under `safety` x budget
+    is tried for real (when `verify`); a measured overshoot moves on to strictly smaller ones."""
+    trials: list[dict[str, Any]] = []
+    start = 0
+    for _ in range(max_trials):
+        under = (
+            i for i in range(start, len(candidates)) if candidates[i].estimate.total_bytes <= safety * budget
+        )
+        pos = next(under, None)
+        if pos is None:
+            reason = nothing_fits
+            if trials:
+                reason = f"does not fit: every measured trial exceeded {budget / GIB:.2f} GiB"
+            smallest = candidates[-1].estimate.total_bytes
+            return Plan(algorithm, False, budget, None, None, smallest, None, reason, trials=trials)
+        chosen = candidates[pos]
+        predicted = chosen.estimate.total_bytes
+        if not verify:
+            return Plan(
+                algorithm,
+                True,
+                budget,
+                chosen.config.to_dict(),
+                chosen.batch_size,
+                predicted,
+                None,
+                "predicted only (not verified by a measured trial)",
+                trials=trials,
+                **chosen.fields,
+            )
+        measured = measure_peak(
+            trial,
+            chosen.config.to_dict(),
+            device,
+            *chosen.trial_args,
+            device=device,
+            limit_bytes=int(budget * 1.02),
+            timeout_s=900,
+        )
+        trials.append(
+            {
+                "batch_size": chosen.batch_size,
+                **chosen.fields,
+                "predicted_bytes": predicted,
+                **measured.to_dict(),
+            }
+        )
+        if measured.fits and measured.peak_bytes is not None and measured.peak_bytes <= budget:
+            reason = f"{chosen.label}: measured {measured.peak_bytes / GIB:.2f} GiB of {budget / GIB:.2f} GiB"
+            return Plan(
+                algorithm,
+                True,
+                budget,
+                chosen.config.to_dict(),
+                chosen.batch_size,
+                predicted,
+                measured.peak_bytes,
+                reason,
+                trials=trials,
+                **chosen.fields,
+            )
+        if measured.status in ("error", "timeout"):
+            return Plan(
+                algorithm,
+                False,
+                budget,
+                None,
+                None,
+                predicted,
+                None,
+                f"trial failed: {measured.reason}",
+                trials=trials,
+            )
+        # Over budget: the model under-predicted; continue with strictly smaller settings.
+        start = pos + 1
+    return Plan(
+        algorithm,
+        False,
+        budget,
+        None,
+        None,
+        None,
+        None,
+        f"does not fit: {max_trials} measured trials all exceeded {budget / GIB:.2f} GiB",
+        trials=trials,
+    )
+
+
+def _model_terms(
+    cfg: PatchGDConfig | BaselineConfig,
+    device: str,
+    calibration: Calibration | None,
+    cache_file: str | os.PathLike[str] | None,
+) -> dict[str, float]:
+    """The calibrated terms of the analytic model (measured, and cached, when not given)."""
+    if calibration is None:
+        dev_type = _device_type(device)
+        calibration = calibrate_backbone(
+            cfg.backbone,
+            device=device,
+            bf16=cfg.use_bf16(dev_type),
+            channels_last=cfg.use_channels_last(dev_type),
+            cache_file=cache_file,
+        )
+    return {"bytes_per_pixel": calibration.bytes_per_pixel, "overhead_bytes": calibration.overhead_bytes}
+
+
 def plan_patchgd(
     cfg: PatchGDConfig,
     budget_gib: float,
@@ -743,110 +874,35 @@ def plan_patchgd(
     plan is conservative by that buffer (B x 3 x S^2 x 4 bytes).
     """
     budget = _check_budget(budget_gib)
-    dev_type = _device_type(device)
-    bf16, channels_last = cfg.use_bf16(dev_type), cfg.use_channels_last(dev_type)
-    if calibration is None:
-        calibration = calibrate_backbone(
-            cfg.backbone, device=device, bf16=bf16, channels_last=channels_last, cache_file=cache_file
+    model_terms = _model_terms(cfg, device, calibration, cache_file)
+    candidates = [
+        _Candidate(
+            batch_size=batch,
+            estimate=estimate_patchgd_bytes(cfg, **model_terms, batch_size=batch, patches_per_step=k),
+            config=_with(cfg, batch, k),
+            label=f"batch {batch}, k={k}",
+            trial_args=(TRIAL_INNER_ITERATIONS,),
+            fields={"patches_per_step": k},
         )
-    model_terms = {
-        "bytes_per_pixel": calibration.bytes_per_pixel,
-        "overhead_bytes": calibration.overhead_bytes,
-    }
-    candidates = _patchgd_candidates(cfg)
-    trials: list[dict[str, Any]] = []
-    start = 0
-    for _ in range(max_trials):
-        chosen = None
-        for pos in range(start, len(candidates)):
-            batch, k = candidates[pos]
-            estimate = estimate_patchgd_bytes(cfg, **model_terms, batch_size=batch, patches_per_step=k)
-            if estimate.total_bytes <= safety * budget:
-                chosen = (pos, batch, k, estimate)
-                break
-        if chosen is None:
-            smallest = estimate_patchgd_bytes(cfg, **model_terms, batch_size=1, patches_per_step=1)
-            reason = (
-                f"does not fit: even batch 1 with k=1 is predicted at {smallest.total_gib:.2f} GiB "
-                f"(parameters, gradients and optimizer state alone "
-                f"{smallest.terms['params_grads_optimizer'] / GIB:.2f} GiB) against a budget of "
-                f"{budget / GIB:.2f} GiB"
-            )
-            if trials:
-                reason = f"does not fit: every measured trial exceeded {budget / GIB:.2f} GiB"
-            return Plan(
-                "patchgd", False, budget, None, None, smallest.total_bytes, None, reason, trials=trials
-            )
-        pos, batch, k, estimate = chosen
-        planned = _with(cfg, batch, k)
-        if not verify:
-            return Plan(
-                "patchgd",
-                True,
-                budget,
-                planned.to_dict(),
-                batch,
-                estimate.total_bytes,
-                None,
-                "predicted only (not verified by a measured trial)",
-                patches_per_step=k,
-                trials=trials,
-            )
-        measured = measure_peak(
-            patchgd_trial,
-            planned.to_dict(),
-            device,
-            TRIAL_INNER_ITERATIONS,
-            device=device,
-            limit_bytes=int(budget * 1.02),
-            timeout_s=900,
-        )
-        trials.append(
-            {
-                "batch_size": batch,
-                "patches_per_step": k,
-                "predicted_bytes": estimate.total_bytes,
-                **measured.to_dict(),
-            }
-        )
-        if measured.fits and measured.peak_bytes is not None and measured.peak_bytes <= budget:
-            return Plan(
-                "patchgd",
-                True,
-                budget,
-                planned.to_dict(),
-                batch,
-                estimate.total_bytes,
-                measured.peak_bytes,
-                f"batch {batch}, k={k}: measured {measured.peak_bytes / GIB:.2f} GiB "
-                f"of {budget / GIB:.2f} GiB",
-                patches_per_step=k,
-                trials=trials,
-            )
-        if measured.status in ("error", "timeout"):
-            return Plan(
-                "patchgd",
-                False,
-                budget,
-                None,
-                None,
-                estimate.total_bytes,
-                None,
-                f"trial failed: {measured.reason}",
-                trials=trials,
-            )
-        # Over budget: the model under-predicted; continue with strictly smaller settings.
-        start = pos + 1
-    return Plan(
+        for batch, k in _patchgd_candidates(cfg)
+    ]
+    smallest = candidates[-1].estimate  # batch 1, k = 1
+    nothing_fits = (
+        f"does not fit: even batch 1 with k=1 is predicted at {smallest.total_gib:.2f} GiB "
+        f"(parameters, gradients and optimizer state alone "
+        f"{smallest.terms['params_grads_optimizer'] / GIB:.2f} GiB) against a budget of "
+        f"{budget / GIB:.2f} GiB"
+    )
+    return _search(
         "patchgd",
-        False,
+        candidates,
         budget,
-        None,
-        None,
-        None,
-        None,
-        f"does not fit: {max_trials} measured trials all exceeded {budget / GIB:.2f} GiB",
-        trials=trials,
+        device,
+        patchgd_trial,
+        safety=safety,
+        verify=verify,
+        max_trials=max_trials,
+        nothing_fits=nothing_fits,
     )
 
 
@@ -874,108 +930,33 @@ def plan_baseline(
     on a measured overshoot; "does not fit" when even batch 1 at 32 px is over the budget.
     """
     budget = _check_budget(budget_gib)
-    dev_type = _device_type(device)
-    if calibration is None:
-        calibration = calibrate_backbone(
-            cfg.backbone,
-            device=device,
-            bf16=cfg.use_bf16(dev_type),
-            channels_last=cfg.use_channels_last(dev_type),
-            cache_file=cache_file,
+    model_terms = _model_terms(cfg, device, calibration, cache_file)
+    candidates = []
+    for batch, size in _baseline_candidates(cfg):
+        note = "" if size == cfg.image_size else f" (resolution reduced from {cfg.image_size})"
+        candidates.append(
+            _Candidate(
+                batch_size=batch,
+                estimate=estimate_baseline_bytes(cfg, **model_terms, batch_size=batch, image_size=size),
+                config=dataclasses.replace(cfg, batch_size=batch, image_size=size),
+                label=f"batch {batch} at {size} px{note}",
+                trial_args=(),
+                fields={"image_size": size},
+            )
         )
-    model_terms = {
-        "bytes_per_pixel": calibration.bytes_per_pixel,
-        "overhead_bytes": calibration.overhead_bytes,
-    }
-    candidates = _baseline_candidates(cfg)
-    trials: list[dict[str, Any]] = []
-    start = 0
-    for _ in range(max_trials):
-        chosen = None
-        for pos in range(start, len(candidates)):
-            batch, size = candidates[pos]
-            estimate = estimate_baseline_bytes(cfg, **model_terms, batch_size=batch, image_size=size)
-            if estimate.total_bytes <= safety * budget:
-                chosen = (pos, batch, size, estimate)
-                break
-        if chosen is None:
-            smallest = estimate_baseline_bytes(cfg, **model_terms, batch_size=1, image_size=32)
-            reason = (
-                f"does not fit: even batch 1 at 32 px is predicted at {smallest.total_gib:.2f} GiB against a "
-                f"budget of {budget / GIB:.2f} GiB"
-            )
-            if trials:
-                reason = f"does not fit: every measured trial exceeded {budget / GIB:.2f} GiB"
-            return Plan(
-                "baseline", False, budget, None, None, smallest.total_bytes, None, reason, trials=trials
-            )
-        pos, batch, size, estimate = chosen
-        planned = dataclasses.replace(cfg, batch_size=batch, image_size=size)
-        if not verify:
-            return Plan(
-                "baseline",
-                True,
-                budget,
-                planned.to_dict(),
-                batch,
-                estimate.total_bytes,
-                None,
-                "predicted only (not verified by a measured trial)",
-                image_size=size,
-                trials=trials,
-            )
-        measured = measure_peak(
-            baseline_trial,
-            planned.to_dict(),
-            device,
-            device=device,
-            limit_bytes=int(budget * 1.02),
-            timeout_s=900,
-        )
-        trials.append(
-            {
-                "batch_size": batch,
-                "image_size": size,
-                "predicted_bytes": estimate.total_bytes,
-                **measured.to_dict(),
-            }
-        )
-        if measured.fits and measured.peak_bytes is not None and measured.peak_bytes <= budget:
-            note = "" if size == cfg.image_size else f" (resolution reduced from {cfg.image_size})"
-            return Plan(
-                "baseline",
-                True,
-                budget,
-                planned.to_dict(),
-                batch,
-                estimate.total_bytes,
-                measured.peak_bytes,
-                f"batch {batch} at {size} px{note}: measured {measured.peak_bytes / GIB:.2f} GiB of "
-                f"{budget / GIB:.2f} GiB",
-                image_size=size,
-                trials=trials,
-            )
-        if measured.status in ("error", "timeout"):
-            return Plan(
-                "baseline",
-                False,
-                budget,
-                None,
-                None,
-                estimate.total_bytes,
-                None,
-                f"trial failed: {measured.reason}",
-                trials=trials,
-            )
-        start = pos + 1
-    return Plan(
+    smallest = candidates[-1].estimate  # batch 1 at 32 px
+    nothing_fits = (
+        f"does not fit: even batch 1 at 32 px is predicted at {smallest.total_gib:.2f} GiB against a "
+        f"budget of {budget / GIB:.2f} GiB"
+    )
+    return _search(
         "baseline",
-        False,
+        candidates,
         budget,
-        None,
-        None,
-        None,
-        None,
-        f"does not fit: {max_trials} measured trials all exceeded {budget / GIB:.2f} GiB",
-        trials=trials,
+        device,
+        baseline_trial,
+        safety=safety,
+        verify=verify,
+        max_trials=max_trials,
+        nothing_fits=nothing_fits,
     )
