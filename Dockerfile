@@ -32,7 +32,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 CMD ["python", "-m", "uvicorn", "--factory", "backend.main:create_app", "--host", "0.0.0.0", "--port", "8000", \
-     "--timeout-graceful-shutdown", "10"]
+     "--timeout-graceful-shutdown", "10", "--no-access-log"]
 
 FROM api AS worker
 USER root

@@ -1,0 +1,51 @@
+"""The two import boundaries of the architecture, checked in fresh interpreters.
+
+The web process never imports torch (it stays small and fast and can run without the worker
+extra); the PatchGD engine never imports the web, database or queue stack (it can be tested,
+benchmarked and reused alone).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _modules_after(code: str, tmp_path: Path) -> set[str]:
+    """Run `code` in a new interpreter and return the top-level packages it ended up importing."""
+    script = code + "\nimport json, sys\nprint(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    env = {**os.environ, "TESSERA_DATA_DIR": str(tmp_path / "data")}
+    env.pop("DATABASE_URL", None)
+    env.pop("BROKER_URL", None)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return set(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def test_web_process_and_worker_entry_points_do_not_import_torch(tmp_path: Path) -> None:
+    modules = _modules_after(
+        "from backend.main import create_app\n"
+        "from fastapi.testclient import TestClient\n"
+        "import backend.cli, worker.celery_app, worker.tasks\n"
+        "with TestClient(create_app()) as client:\n"
+        "    assert client.get('/login').status_code == 200\n"
+        "    assert client.get('/openapi.json').status_code == 200\n",
+        tmp_path,
+    )
+    assert "fastapi" in modules  # the app really was built
+    assert not modules & {"torch", "torchvision", "numpy", "PIL", "tifffile", "openslide"}
+
+
+def test_engine_does_not_import_web_database_or_queue(tmp_path: Path) -> None:
+    engine_modules = sorted(p.stem for p in (ROOT / "worker" / "patchgd").glob("*.py") if p.stem != "__init__")
+    imports = "\n".join(f"import worker.patchgd.{name}" for name in engine_modules)
+    modules = _modules_after(imports, tmp_path)
+    assert "torch" in modules  # the engine really was imported
+    assert not modules & {"backend", "fastapi", "starlette", "sqlalchemy", "celery", "kombu", "alembic"}
