@@ -44,7 +44,9 @@ def test_web_process_and_worker_entry_points_do_not_import_torch(tmp_path: Path)
 
 
 def test_engine_does_not_import_web_database_or_queue(tmp_path: Path) -> None:
-    engine_modules = sorted(p.stem for p in (ROOT / "worker" / "patchgd").glob("*.py") if p.stem != "__init__")
+    engine_modules = sorted(
+        p.stem for p in (ROOT / "worker" / "patchgd").glob("*.py") if p.stem != "__init__"
+    )
     imports = "\n".join(f"import worker.patchgd.{name}" for name in engine_modules)
     modules = _modules_after(imports, tmp_path)
     assert "torch" in modules  # the engine really was imported
