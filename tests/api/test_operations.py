@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from tests.conftest import SyncClient
-
 from backend.main import create_app
+from tests.conftest import SyncClient
 
 
 def test_healthz_ok(client):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from tests.conftest import login_form_token
 from sqlalchemy import select, update
 
 from backend.db import session_scope
 from backend.models import UserSession, utcnow
 from backend.security import sha256_hex
 from backend.services.auth import INCORRECT_CREDENTIALS
+from tests.conftest import login_form_token
 
 
 def _post_login(client, username, password, token=None, **extra):

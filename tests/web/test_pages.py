@@ -6,12 +6,12 @@ import re
 from pathlib import Path
 
 import pytest
-from tests.conftest import TestUser
 from sqlalchemy import select
 
 from backend.db import session_scope
 from backend.models import ApiToken, Role, User, UserSession
 from backend.security import sha256_hex
+from tests.conftest import TestUser
 
 FRONTEND = Path(__file__).resolve().parents[2] / "frontend"
 HX = {"HX-Request": "true"}
