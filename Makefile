@@ -26,8 +26,11 @@ bench: $(STAMP)  ## the CPU benchmarks of docs/benchmarks.md: JSON + PNG in benc
 	    --baseline-sizes 4096,8192 --guard-gib 12 --name memory_cpu_resnet50_8192
 	$(BIN)/python -m bench.memory --backbones resnet50 --sizes '' --stream-sizes 16384 --baseline-sizes '' \
 	    --name memory_cpu_resnet50_16384
+	$(BIN)/python -m bench.memory --backbones resnet50 --sizes '' --stream-sizes '' --baseline-sizes 3072 \
+	    --guard-gib 20 --name memory_cpu_resnet50_baseline3072
 	$(BIN)/python -m bench.report --plot bench/results/memory_cpu_merged.png bench/results/memory_cpu.json \
-	    bench/results/memory_cpu_resnet50_8192.json bench/results/memory_cpu_resnet50_16384.json
+	    bench/results/memory_cpu_resnet50_8192.json bench/results/memory_cpu_resnet50_16384.json \
+	    bench/results/memory_cpu_resnet50_baseline3072.json
 	$(BIN)/python -m bench.planner
 	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.report bench/results/*_cpu*.json
