@@ -106,23 +106,9 @@ def _drop_after_commit_callbacks(session: Session) -> None:
     session.info.pop(AFTER_COMMIT_KEY, None)
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """FastAPI dependency: one session per request, committed at the end or rolled back on error."""
-    factory = get_sessionmaker(request.app.state.settings)
-    session = factory()
-    try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
-
-
 @contextmanager
 def session_scope(settings: Settings) -> Iterator[Session]:
-    """A session for the CLI and workers: commits when the block ends, rolls back if it raises."""
+    """A session that commits when the block ends and rolls back if it raises (CLI, workers, requests)."""
     session = get_sessionmaker(settings)()
     try:
         yield session
@@ -132,6 +118,12 @@ def session_scope(settings: Settings) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """FastAPI dependency: one session per request, committed at the end or rolled back on error."""
+    with session_scope(request.app.state.settings) as session:
+        yield session
 
 
 def alembic_config(settings: Settings) -> Config:
