@@ -6,6 +6,7 @@ import re
 import secrets
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from backend.config import Settings
@@ -86,7 +87,12 @@ def create_user(
         username=normalized, password_hash=hash_password(settings, password), role=role, is_active=True
     )
     session.add(user)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        # Another request created the same name between the check above and this insert; the
+        # unique index is the real guard. The caller's transaction is rolled back as usual.
+        raise Conflict(f"The username '{normalized}' is already taken.") from exc
     return user
 
 

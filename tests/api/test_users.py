@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import select
 
 from backend.db import session_scope
-from backend.models import ApiToken, Role, UserSession
+from backend.models import ApiToken, Role, User, UserSession
 
 
 def test_admin_lists_creates_and_deactivates(client, make_user, bearer):
@@ -91,3 +92,18 @@ def test_deactivation_revokes_sessions_and_tokens_at_once(make_client, make_user
     # Reactivation does not bring old credentials back.
     admin_client.patch(f"/api/v1/users/{victim.id}", json={"is_active": True}, headers=admin_auth)
     assert victim_client.get("/api/v1/users/me", headers=personal_auth).status_code == 401
+
+
+def test_concurrent_creation_of_the_same_username_is_a_conflict(settings, monkeypatch):
+    from backend.errors import Conflict
+    from backend.services import users as user_service
+
+    with session_scope(settings) as session:
+        user_service.create_user(session, settings, "racer", "long-enough-pw")
+    # The other request already passed its existence check when this one committed: only the
+    # unique index can stop the second insert.
+    monkeypatch.setattr(user_service, "get_by_username", lambda session, username: None)
+    with pytest.raises(Conflict, match="already taken"), session_scope(settings) as session:
+        user_service.create_user(session, settings, "racer", "long-enough-pw")
+    with session_scope(settings) as session:
+        assert session.scalars(select(User).where(User.username == "racer")).all() != []
