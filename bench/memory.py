@@ -25,7 +25,7 @@ import torch
 
 from bench.common import RESULTS, gib, machine, print_table, write_json
 from worker.patchgd.config import BaselineConfig, PatchGDConfig
-from worker.patchgd.data import StreamingPatchSource, open_region_reader, write_pyramidal_tiff
+from worker.patchgd.data import write_pyramidal_tiff
 from worker.patchgd.memory import (
     GIB,
     baseline_trial,
@@ -34,27 +34,7 @@ from worker.patchgd.memory import (
     estimate_patchgd_bytes,
     measure_peak,
     patchgd_trial,
-    warm_optimizer_state,
 )
-from worker.patchgd.models import build_patchgd_model
-from worker.patchgd.train import build_optimizer, patchgd_step
-
-
-def patchgd_streaming_trial(cfg_dict: dict[str, Any], device: str, tiff: str, inner: int) -> dict[str, float]:
-    """A partial PatchGD step whose patches are read from a pyramidal TIFF one region at a time."""
-    cfg = PatchGDConfig.from_dict(cfg_dict)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    model = build_patchgd_model(cfg, load_pretrained=False).to(device)
-    model.train()
-    optimizer = build_optimizer(model, cfg)
-    warm_optimizer_state(model, optimizer)
-    with open_region_reader(tiff, level=0) as reader:
-        source = StreamingPatchSource(reader, cfg.grid)
-        labels = torch.randint(0, cfg.num_classes, (1,), generator=generator)
-        stats = patchgd_step(
-            model, optimizer, source, labels, cfg, generator=generator, max_inner_iterations=inner
-        )
-    return {"seconds": stats.seconds}
 
 
 def _parse_sizes(text: str) -> list[int]:
@@ -131,30 +111,21 @@ def _sweep(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 )
                 row.update(patch_size=args.patch, k=cfg.k, grid=cfg.grid.n, inner_iterations_run=args.inner)
                 estimate = estimate_patchgd_bytes(cfg, **model_terms, streaming=source == "stream")
+                tiff = None
                 if source == "stream":
                     tiff = tmp / f"slide_{size}.tif"
                     if not tiff.exists():
                         write_pyramidal_tiff(tiff, size, levels=1)
-                    measured = measure_peak(
-                        patchgd_streaming_trial,
-                        cfg.to_dict(),
-                        device,
-                        str(tiff),
-                        args.inner,
-                        device=device,
-                        isolate=True,
-                        timeout_s=args.timeout,
-                    )
-                else:
-                    measured = measure_peak(
-                        patchgd_trial,
-                        cfg.to_dict(),
-                        device,
-                        args.inner,
-                        device=device,
-                        isolate=True,
-                        timeout_s=args.timeout,
-                    )
+                measured = measure_peak(
+                    patchgd_trial,
+                    cfg.to_dict(),
+                    device,
+                    args.inner,
+                    str(tiff) if tiff else None,
+                    device=device,
+                    isolate=True,
+                    timeout_s=args.timeout,
+                )
             else:
                 cfg_b = BaselineConfig(
                     num_classes=2,

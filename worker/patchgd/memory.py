@@ -10,6 +10,7 @@ resolution (baseline) from the model, then verifies the choice with a short meas
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import gc
@@ -31,6 +32,7 @@ import psutil
 import torch
 
 from .config import BaselineConfig, PatchGDConfig
+from .data import StreamingPatchSource, open_region_reader
 from .grid import TensorPatchSource
 from .models import build_backbone, build_baseline_model, build_patchgd_model
 from .train import baseline_step, build_optimizer, patchgd_step
@@ -624,22 +626,34 @@ TRIAL_INNER_ITERATIONS = 2
 
 
 def patchgd_trial(
-    cfg_dict: dict[str, Any], device: str, inner_iterations: int = TRIAL_INNER_ITERATIONS
+    cfg_dict: dict[str, Any],
+    device: str,
+    inner_iterations: int = TRIAL_INNER_ITERATIONS,
+    streamed_from: str | None = None,
 ) -> dict[str, float]:
-    """A partial PatchGD outer step (fill pass + `inner_iterations` inner iterations) on random
-    images: the workload the planner and benchmarks measure. Runs inside `measure_peak`."""
+    """A partial PatchGD outer step (fill pass + `inner_iterations` inner iterations): the
+    workload the planner and benchmarks measure. Runs inside `measure_peak`.
+
+    Random images held in memory, or, with `streamed_from`, one image whose patches are read from
+    that file region by region (batch 1) as `StreamingPatchSource` does in training.
+    """
     cfg = PatchGDConfig.from_dict(cfg_dict)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = build_patchgd_model(cfg, load_pretrained=False).to(device)
     model.train()
     optimizer = build_optimizer(model, cfg)
     warm_optimizer_state(model, optimizer)
-    images = torch.randn(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, generator=generator)
-    labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=generator)
-    source = TensorPatchSource(images.to(device), cfg.grid)
-    stats = patchgd_step(
-        model, optimizer, source, labels, cfg, generator=generator, max_inner_iterations=inner_iterations
-    )
+    with contextlib.ExitStack() as stack:
+        if streamed_from is None:
+            shape = (cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size)
+            source = TensorPatchSource(torch.randn(shape, generator=generator).to(device), cfg.grid)
+        else:
+            reader = stack.enter_context(open_region_reader(streamed_from, level=0))
+            source = StreamingPatchSource(reader, cfg.grid)
+        labels = torch.randint(0, cfg.num_classes, (source.batch_size,), generator=generator)
+        stats = patchgd_step(
+            model, optimizer, source, labels, cfg, generator=generator, max_inner_iterations=inner_iterations
+        )
     return {"seconds": stats.seconds, "patches_encoded": stats.num_patches_encoded}
 
 
