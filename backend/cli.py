@@ -7,11 +7,11 @@ import sys
 
 import typer
 
+from backend.accounts import users as user_service
 from backend.config import get_settings
 from backend.db import downgrade_database, session_scope, upgrade_database
 from backend.errors import AppError
 from backend.models import Role
-from backend.services import users as user_service
 
 app = typer.Typer(
     help="Tessera: train vision models on very large images with PatchGD.", no_args_is_help=True

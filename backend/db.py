@@ -1,6 +1,6 @@
 """Database engine, sessions and schema migrations.
 
-The request owns the transaction: services only ``flush()``; :func:`get_session` commits when the
+The request owns the transaction: services only ``flush()``; :func:`backend.deps.get_session` commits when the
 request handler returns and rolls back when it raises. Work queued with
 :func:`backend.queue.enqueue_after_commit` runs only once that commit has succeeded.
 """
@@ -15,7 +15,6 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from fastapi import Request
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -118,12 +117,6 @@ def session_scope(settings: Settings) -> Iterator[Session]:
         raise
     finally:
         session.close()
-
-
-def get_session(request: Request) -> Iterator[Session]:
-    """FastAPI dependency: one session per request, committed at the end or rolled back on error."""
-    with session_scope(request.app.state.settings) as session:
-        yield session
 
 
 def alembic_config(settings: Settings) -> Config:

@@ -6,6 +6,10 @@ and into a friendly page (or an HTMX toast) for the browser.
 
 from __future__ import annotations
 
+from typing import Any
+
+from pydantic import BaseModel
+
 
 class AppError(Exception):
     """Base class: ``code`` is a stable machine-readable name, ``detail`` is shown to the user."""
@@ -70,3 +74,11 @@ class TooManyRequests(AppError):
     def __init__(self, detail: str | None = None, *, retry_after: int) -> None:
         self.retry_after = max(1, int(retry_after))
         super().__init__(detail, headers={"Retry-After": str(self.retry_after)})
+
+
+class ErrorResponse(BaseModel):
+    """The shape of every JSON error: ``error`` is a stable code (``not_found``, ``invalid``...);
+    ``detail`` explains it to a person."""
+
+    error: str
+    detail: Any

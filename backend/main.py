@@ -18,16 +18,21 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from backend.api import API_PREFIX, build_api_router, health
+from backend import operations
+from backend.accounts import api as accounts_api
+from backend.accounts import views as accounts_views
+from backend.accounts.login import Viewer, resolve_principal
 from backend.config import Settings, get_settings
 from backend.db import session_scope
 from backend.errors import AppError, Unauthorized
 from backend.observability import HttpMetrics, ObservabilityMiddleware, configure_logging
-from backend.services.auth import Viewer, resolve_principal
-from backend.web import build_web_router
-from backend.web.templating import STATIC_DIR, is_htmx, render
+from backend.ui import views as ui_views
+from backend.ui.templating import STATIC_DIR, is_htmx, render
 
 logger = logging.getLogger(__name__)
+
+#: Every JSON API route lives under this prefix (one version today).
+API_PREFIX = "/api/v1"
 
 OPENAPI_TAGS = [
     {"name": "auth", "description": "OAuth2 password flow: get a short-lived bearer token."},
@@ -117,7 +122,7 @@ def _error_response(
         )
     return render(
         request,
-        "pages/error.html",
+        "ui/error.html",
         {"status_code": status_code, "title": title, "message": message},
         status_code=status_code,
         headers=headers,
@@ -186,8 +191,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
     app.add_exception_handler(Exception, _unexpected_error_handler)
-    app.include_router(build_api_router())
-    app.include_router(health.router)
-    app.include_router(build_web_router())
+    # One API router and one page router per domain; operations (health, metrics) stay outside /api/v1.
+    for api_router in (accounts_api.router,):
+        app.include_router(api_router, prefix=API_PREFIX)
+    app.include_router(operations.router)
+    for page_router in (accounts_views.router, ui_views.router):
+        app.include_router(page_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

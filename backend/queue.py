@@ -1,8 +1,8 @@
 """Celery client used by the API: sends tasks by name, after the database commit.
 
-This module never imports the worker package or torch; the worker registers the task names and
-the web process only knows them as strings. The message carries ids only; the database row is
-the truth.
+This module never imports the worker package or torch. Task and queue names are declared here,
+once: the worker registers its tasks under these names (``worker.tasks``) and the web process sends
+by them. The message carries ids only; the database row is the truth.
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ from backend.db import run_after_commit
 
 logger = logging.getLogger(__name__)
 
+#: Queue every task goes to unless a route says otherwise. It is Celery's own default name, so
+#: a client with Celery's defaults reaches the same workers.
+DEFAULT_QUEUE = "celery"
+#: Queue that ``/healthz`` declares to prove a real round trip to the broker; no worker reads it.
 HEALTH_QUEUE = "tessera.health"
+
+#: Task names, sent by the web process and registered by the worker.
+SYSTEM_PING = "system.ping"
 
 
 @lru_cache

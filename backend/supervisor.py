@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from backend.accounts.users import ensure_first_admin
 from backend.config import Settings
-from backend.db import upgrade_database
+from backend.db import session_scope, upgrade_database
 from backend.errors import AppError
-from backend.services.users import ensure_first_admin
 from worker.celery_app import celery_app
 
 #: Seconds the children get to finish after a stop request before they are killed.
@@ -180,7 +180,8 @@ def serve(settings: Settings) -> int:
     settings.ensure_data_dir()
     try:
         upgrade_database(settings)
-        admin_password = ensure_first_admin(settings)
+        with session_scope(settings) as session:
+            admin_password = ensure_first_admin(session, settings)
     except AppError as exc:
         print(
             f"tessera: cannot create the first admin: {exc.detail}\n"

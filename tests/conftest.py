@@ -24,11 +24,11 @@ import pytest
 from sqlalchemy import MetaData, create_engine, text
 from sqlalchemy.engine import make_url
 
+from backend.accounts import users as user_service
 from backend.config import Settings
 from backend.db import dispose_engines, get_engine, session_scope, upgrade_database
 from backend.main import create_app
 from backend.models import Role
-from backend.services import users as user_service
 
 TEST_PASSWORD = "correct-horse-battery"
 # Cheap argon2 for tests: the cost is a setting, the algorithm is the production one.

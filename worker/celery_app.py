@@ -10,17 +10,17 @@ from __future__ import annotations
 from celery import Celery
 
 from backend.config import Settings, get_settings
-
-#: Queue every Tessera task goes to unless a route says otherwise. It is Celery's own default
-#: name, so a client that sends by name with Celery's defaults (``backend.queue``, which must not
-#: import this module) reaches the same workers.
-DEFAULT_QUEUE = "celery"
+from backend.queue import DEFAULT_QUEUE
 
 #: How long Redis keeps an unacknowledged message before handing it to another worker.
 #: Training runs for hours and messages are acknowledged only when a task ends, so this must
 #: exceed the longest run; a redelivered message is harmless anyway, because a worker claims
 #: the database row with a conditional UPDATE before it starts.
 REDIS_VISIBILITY_TIMEOUT_SECONDS = 48 * 3600
+
+
+#: The modules that register tasks, one per domain (each task's name comes from ``backend.queue``).
+TASK_MODULES = ["worker.tasks.system"]
 
 
 def broker_transport_options(broker_url: str) -> dict[str, object]:
@@ -36,7 +36,7 @@ def broker_transport_options(broker_url: str) -> dict[str, object]:
 
 def create_celery(settings: Settings) -> Celery:
     """Build the Celery application for the given settings (workers and the web process)."""
-    app = Celery("tessera", include=["worker.tasks"])
+    app = Celery("tessera", include=TASK_MODULES)
     app.conf.update(
         broker_url=settings.broker_url,
         broker_transport_options=broker_transport_options(settings.broker_url),

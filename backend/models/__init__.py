@@ -1,9 +1,20 @@
 """SQLAlchemy models, one module per table; importing this package registers them all."""
 
-from backend.models.api_token import ApiToken, TokenKind
+from backend.models.api_token import TOKEN_NAME_MAX_LENGTH, ApiToken, TokenKind
 from backend.models.base import Base, utcnow
 from backend.models.login_attempt import LoginAttempt
-from backend.models.user import Role, User
+from backend.models.user import USERNAME_MAX_LENGTH, Role, User
 from backend.models.user_session import UserSession
 
-__all__ = ["ApiToken", "Base", "LoginAttempt", "Role", "TokenKind", "User", "UserSession", "utcnow"]
+__all__ = [
+    "TOKEN_NAME_MAX_LENGTH",
+    "USERNAME_MAX_LENGTH",
+    "ApiToken",
+    "Base",
+    "LoginAttempt",
+    "Role",
+    "TokenKind",
+    "User",
+    "UserSession",
+    "utcnow",
+]

@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from backend.models.user import User
 
 
+#: Longest personal token name (the column width; schemas and services import it).
+TOKEN_NAME_MAX_LENGTH = 100
+
+
 class TokenKind(enum.StrEnum):
     """Personal tokens are created by hand and named; access tokens come from the password flow."""
 
@@ -29,7 +33,7 @@ class ApiToken(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
-    name: Mapped[str] = mapped_column(String(100))
+    name: Mapped[str] = mapped_column(String(TOKEN_NAME_MAX_LENGTH))
     kind: Mapped[TokenKind] = mapped_column(
         Enum(
             TokenKind,

@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from backend.models.user_session import UserSession
 
 
+#: Longest username (the column width; schemas and services import it, never repeat it).
+USERNAME_MAX_LENGTH = 64
+
+
 class Role(enum.StrEnum):
     """What a user may do: admins also manage accounts."""
 
@@ -29,7 +33,7 @@ class User(Base):
     __tablename__ = "users"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    username: Mapped[str] = mapped_column(String(64), unique=True)
+    username: Mapped[str] = mapped_column(String(USERNAME_MAX_LENGTH), unique=True)
     password_hash: Mapped[str] = mapped_column(String(255))
     role: Mapped[Role] = mapped_column(
         Enum(

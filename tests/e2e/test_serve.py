@@ -25,8 +25,8 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from backend.config import Settings
-from backend.queue import enqueue
-from worker.tasks import ping_report_path
+from backend.queue import SYSTEM_PING, enqueue
+from worker.tasks.system import ping_report_path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -167,7 +167,7 @@ def test_serve_login_dashboard_and_clean_ctrl_c(served: Served) -> None:
 
     # The worker `serve` started picks up a task sent by name and reaches the database.
     token = uuid.uuid4().hex
-    enqueue(served.settings, "system.ping", token)
+    enqueue(served.settings, SYSTEM_PING, token)
     report = ping_report_path(served.settings.data_dir, token)
 
     with sync_playwright() as playwright:

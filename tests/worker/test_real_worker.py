@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from backend.config import Settings
-from backend.queue import enqueue
-from worker.tasks import ping_report_path
+from backend.queue import SYSTEM_PING, enqueue
+from worker.tasks.system import ping_report_path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Bound on worker start-up plus one ping (the worker polls an SQL broker once a second).
@@ -76,7 +76,7 @@ def test_worker_runs_ping_sent_by_name(
     token = uuid.uuid4().hex
     report_path = ping_report_path(worker_settings.data_dir, token)
 
-    enqueue(worker_settings, "system.ping", token)
+    enqueue(worker_settings, SYSTEM_PING, token)
 
     deadline = time.monotonic() + PING_TIMEOUT_SECONDS
     while not report_path.exists():

@@ -1,0 +1,1 @@
+"""Accounts: users, browser sessions, API tokens and sign-in (routes, views, services, schemas)."""

@@ -1,0 +1,157 @@
+"""Authentication: password checks with throttling, and resolving who is calling.
+
+Failed attempts are counted per username in the database (so throttling holds across processes).
+Unknown usernames and wrong passwords are indistinguishable: same message, same status, and the
+same argon2 cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from backend.accounts import sessions as session_service
+from backend.accounts import tokens as token_service
+from backend.accounts.users import get_by_username, normalize_username
+from backend.config import Settings
+from backend.errors import TooManyRequests, Unauthorized
+from backend.models import USERNAME_MAX_LENGTH, ApiToken, LoginAttempt, Role, User, UserSession, utcnow
+from backend.security import burn_password_check, hash_password, password_hasher
+
+INCORRECT_CREDENTIALS = "Incorrect username or password."
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is making a request, and how they proved it (a browser session or a bearer token)."""
+
+    user: User
+    session: UserSession | None = None
+    token: ApiToken | None = None
+
+    @property
+    def via_session(self) -> bool:
+        """True when authenticated by the session cookie (and therefore subject to CSRF checks)."""
+        return self.session is not None
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """A plain snapshot of the caller for page rendering, usable after the transaction has ended.
+
+    Error pages are rendered after a rollback, when ORM objects are expired and detached.
+    """
+
+    id: int
+    username: str
+    role: Role
+    csrf_token: str
+
+    @property
+    def is_admin(self) -> bool:
+        """True for administrators."""
+        return self.role == Role.ADMIN
+
+    @classmethod
+    def of(cls, principal: Principal) -> Viewer:
+        """Snapshot ``principal`` (the CSRF token only exists for browser sessions)."""
+        user = principal.user
+        csrf_token = principal.session.csrf_secret if principal.session else ""
+        return cls(id=user.id, username=user.username, role=user.role, csrf_token=csrf_token)
+
+
+def throttle_retry_after(session: Session, settings: Settings, username: str, now: datetime) -> int | None:
+    """Seconds until ``username`` may try again, or None when not throttled.
+
+    Counts failures inside the sliding window that came after the last success; once
+    ``login_max_failures`` are reached, the lock lifts when the oldest of the most recent
+    ``login_max_failures`` failures leaves the window.
+
+    ``func.max`` keeps the column type, so ``last_success`` comes back timezone-aware on SQLite too.
+    """
+    window = timedelta(seconds=settings.login_window_seconds)
+    since = now - window
+    last_success = session.scalar(
+        select(func.max(LoginAttempt.at)).where(
+            LoginAttempt.username == username, LoginAttempt.success.is_(True), LoginAttempt.at > since
+        )
+    )
+    query = select(LoginAttempt.at).where(
+        LoginAttempt.username == username, LoginAttempt.success.is_(False), LoginAttempt.at > since
+    )
+    if last_success is not None:
+        query = query.where(LoginAttempt.at > last_success)
+    failures = list(
+        session.scalars(query.order_by(LoginAttempt.at.desc()).limit(settings.login_max_failures))
+    )
+    if len(failures) < settings.login_max_failures:
+        return None
+    unlock_at = failures[-1] + window
+    return max(1, int((unlock_at - now).total_seconds()) + 1)
+
+
+def _record_attempt(session: Session, username: str, *, success: bool, ip: str, now: datetime) -> None:
+    session.add(LoginAttempt(username=username, success=success, at=now, ip=ip[:64]))
+
+
+def authenticate(session: Session, settings: Settings, username: str, password: str, *, ip: str = "") -> User:
+    """Check a username and password; return the active user or raise.
+
+    Raises :class:`TooManyRequests` (with Retry-After) when the account is throttled, even for the
+    right password, and :class:`Unauthorized` with one generic message for every other failure.
+    A failed attempt is recorded in a short transaction of its own, because the request's
+    transaction is rolled back on errors and the failure must still count.
+    """
+    key = normalize_username(username)[:USERNAME_MAX_LENGTH]
+    now = utcnow()
+    retry_after = throttle_retry_after(session, settings, key, now)
+    if retry_after is not None:
+        raise TooManyRequests(
+            f"Too many failed sign-in attempts. Try again in {retry_after} seconds.", retry_after=retry_after
+        )
+    user = get_by_username(session, key) if key else None
+    if user is None:
+        burn_password_check(settings, password)
+        valid = False
+    else:
+        valid, new_hash = password_hasher(settings).verify_and_update(password, user.password_hash)
+        if valid and new_hash is not None:
+            # Hash parameters changed since this password was set: store it at today's cost.
+            user.password_hash = hash_password(settings, password)
+    if user is None or not valid or not user.is_active:
+        with Session(bind=session.get_bind()) as own, own.begin():
+            _record_attempt(own, key, success=False, ip=ip, now=now)
+        raise Unauthorized(INCORRECT_CREDENTIALS)
+    _record_attempt(session, key, success=True, ip=ip, now=now)
+    # Old rows carry no information any more; pruning here keeps the table small without a job.
+    session.execute(
+        delete(LoginAttempt).where(
+            LoginAttempt.username == key,
+            LoginAttempt.at < now - timedelta(seconds=settings.login_window_seconds),
+        )
+    )
+    session.flush()
+    return user
+
+
+def resolve_principal(
+    session: Session, settings: Settings, *, authorization: str | None, session_cookie: str | None
+) -> Principal | None:
+    """Identify the caller from an ``Authorization: Bearer`` header or, failing that, the session cookie.
+
+    A bearer header that is present but invalid is not silently replaced by the cookie: the
+    caller meant to use the token, so the request is unauthenticated.
+    """
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        token = token_service.resolve_token(session, value.strip())
+        return Principal(user=token.user, token=token) if token else None
+    if session_cookie:
+        row = session_service.resolve_session(session, settings, session_cookie)
+        return Principal(user=row.user, session=row) if row else None
+    return None

@@ -1,0 +1,105 @@
+"""Dependencies shared by API and page routes, as ``Annotated`` aliases.
+
+``CurrentUser`` authenticates the caller (bearer token or session cookie) and, for unsafe methods
+authenticated by the cookie, enforces the CSRF token before the route runs, so a rejected request
+changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import OAuth2PasswordBearer
+from sqlalchemy.orm import Session
+
+from backend import csrf
+from backend.accounts.login import Principal, Viewer, resolve_principal
+from backend.config import Settings
+from backend.db import session_scope
+from backend.errors import Forbidden, NotFound, Unauthorized
+from backend.models import User
+
+
+def get_app_settings(request: Request) -> Settings:
+    """The settings the application was created with."""
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One database session per request, committed at the end or rolled back on error."""
+    with session_scope(request.app.state.settings) as session:
+        yield session
+
+
+# scope="function": commit before the response is sent, so a failed commit is never reported as success.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+# Declares the bearer scheme in OpenAPI (the "Authorize" button of /docs); the header itself is
+# read by resolve_principal, which also accepts the session cookie.
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token", auto_error=False)
+
+
+def get_optional_principal(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    _bearer: Annotated[str | None, Security(oauth2_scheme)] = None,
+) -> Principal | None:
+    """Who is calling, or None for anonymous requests (a plain snapshot is kept for page templates)."""
+    principal = resolve_principal(
+        session,
+        settings,
+        authorization=request.headers.get("authorization"),
+        session_cookie=request.cookies.get(settings.session_cookie_name),
+    )
+    request.state.viewer = Viewer.of(principal) if principal else None
+    return principal
+
+
+OptionalPrincipal = Annotated[Principal | None, Depends(get_optional_principal)]
+
+
+async def require_principal(request: Request, principal: OptionalPrincipal) -> Principal:
+    """The authenticated caller; unsafe cookie-authenticated requests must carry the session's CSRF token.
+
+    The token is looked for in the ``X-CSRF-Token`` header first and only then in a form body;
+    endpoints that stream their request body themselves (large uploads) must therefore be sent
+    with the header, so that the check never consumes the stream.
+    """
+    if principal is None:
+        raise Unauthorized(headers={"WWW-Authenticate": "Bearer"})
+    if request.method not in csrf.SAFE_METHODS and principal.session is not None:
+        submitted = await csrf.submitted_token(request)
+        if not csrf.matches(principal.session.csrf_secret, submitted):
+            raise Forbidden(
+                "The form has expired or did not come from Tessera (missing or invalid CSRF token). "
+                "Reload the page and try again."
+            )
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(require_principal)]
+
+
+def get_current_user(principal: PrincipalDep) -> User:
+    """The authenticated, active user."""
+    return principal.user
+
+
+CurrentUser = Annotated[User, Depends(get_current_user)]
+
+
+def get_admin_user(user: CurrentUser) -> User:
+    """The current user if an administrator; others get 404 so admin objects stay invisible to them."""
+    if not user.is_admin:
+        raise NotFound()
+    return user
+
+
+AdminUser = Annotated[User, Depends(get_admin_user)]

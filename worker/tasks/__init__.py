@@ -1,0 +1,1 @@
+"""Celery tasks, one thin module per domain; each registers under a name from ``backend.queue``."""
