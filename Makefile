@@ -17,7 +17,8 @@ setup: $(STAMP)  ## create the virtualenv and install Tessera with the worker an
 run: $(STAMP)  ## migrate, create the first admin, start API + workers (Ctrl-C stops all)
 	$(BIN)/tessera serve
 
-test: $(STAMP)  ## the whole test suite (SQLite; also Postgres/Redis when TEST_DATABASE_URL/TEST_REDIS_URL are set)
+test: $(STAMP)  ## import contracts, then the whole test suite (SQLite; also Postgres/Redis when TEST_DATABASE_URL/TEST_REDIS_URL are set)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)  ## the CPU benchmarks of docs/benchmarks.md: JSON + PNG in bench/results/ (hours on 2 cores)
@@ -37,6 +38,7 @@ bench: $(STAMP)  ## the CPU benchmarks of docs/benchmarks.md: JSON + PNG in benc
 
 lint: $(STAMP)
 	$(BIN)/ruff check backend worker tests bench
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache

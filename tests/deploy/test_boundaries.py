@@ -51,3 +51,15 @@ def test_engine_does_not_import_web_database_or_queue(tmp_path: Path) -> None:
     modules = _modules_after(imports, tmp_path)
     assert "torch" in modules  # the engine really was imported
     assert not modules & {"backend", "fastapi", "starlette", "sqlalchemy", "celery", "kombu", "alembic"}
+
+
+def test_import_contracts_hold_and_make_test_checks_them() -> None:
+    """The architecture's boundaries (pyproject's import-linter contracts) hold, and `make test` runs them."""
+    lint_imports = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run(
+        [str(lint_imports), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+    test_target = (ROOT / "Makefile").read_text().split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert "lint-imports" in test_target
