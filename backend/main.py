@@ -5,10 +5,12 @@ Run with ``uvicorn --factory backend.main:create_app`` (``tessera serve`` does t
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
@@ -25,6 +27,7 @@ from backend.accounts.login import Viewer, resolve_principal
 from backend.config import Settings, get_settings
 from backend.db import session_scope
 from backend.errors import AppError, Unauthorized
+from backend.middleware import TOO_LARGE_CODE, BodyLimitMiddleware, UnhandledErrorMiddleware
 from backend.observability import HttpMetrics, ObservabilityMiddleware, configure_logging
 from backend.ui import views as ui_views
 from backend.ui.templating import STATIC_DIR, is_htmx, render
@@ -47,6 +50,7 @@ _STATUS_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    413: TOO_LARGE_CODE,
 }
 _STATUS_TITLES = {
     400: "That did not work",
@@ -55,11 +59,14 @@ _STATUS_TITLES = {
     404: "Page not found",
     405: "Not allowed",
     409: "Already exists",
+    413: "Too large",
     422: "Please check the form",
     429: "Too many attempts",
     500: "Something went wrong",
 }
 _JSON_PATH_PREFIXES = (API_PREFIX, "/healthz", "/metrics", "/openapi.json")
+#: A validation error repeats at most this much of the offending value (never a whole large body).
+MAX_ECHOED_INPUT_CHARS = 200
 
 
 def _app_version() -> str:
@@ -146,10 +153,28 @@ async def _http_error_handler(request: Request, exc: Exception) -> Response:
     return _error_response(request, exc.status_code, code, detail, dict(exc.headers or {}))
 
 
+def _bounded_input(error: dict[str, Any]) -> dict[str, Any]:
+    """``error`` with its ``input`` cut to :data:`MAX_ECHOED_INPUT_CHARS` (a long string is truncated,
+    a large object or list is left out), so a 422 never echoes a large request back."""
+    if "input" not in error:
+        return error
+    bounded = dict(error)
+    value = jsonable_encoder(error["input"])
+    if isinstance(value, str):
+        if len(value) > MAX_ECHOED_INPUT_CHARS:
+            bounded["input"] = value[:MAX_ECHOED_INPUT_CHARS] + "…"
+    elif len(json.dumps(value, default=str)) > MAX_ECHOED_INPUT_CHARS:
+        del bounded["input"]
+    else:
+        bounded["input"] = value
+    return bounded
+
+
 async def _validation_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     if wants_json(request):
-        return _error_response(request, 422, "validation_error", exc.errors(), {})
+        errors = [_bounded_input(error) for error in exc.errors()]
+        return _error_response(request, 422, "validation_error", errors, {})
     problems = "; ".join(
         f"{'.'.join(str(p) for p in error.get('loc', ())[1:]) or 'request'}: {error.get('msg', 'invalid')}"
         for error in exc.errors()
@@ -186,11 +211,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = HttpMetrics()
+    # Outermost last: request ids, headers and metrics see every response, the 500s included.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    app.add_middleware(UnhandledErrorMiddleware, handler=_unexpected_error_handler)
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics)
     app.add_exception_handler(AppError, _app_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
-    app.add_exception_handler(Exception, _unexpected_error_handler)
     # One API router and one page router per domain; operations (health, metrics) stay outside /api/v1.
     for api_router in (accounts_api.router,):
         app.include_router(api_router, prefix=API_PREFIX)
