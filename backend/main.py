@@ -5,8 +5,10 @@ Run with ``uvicorn --factory backend.main:create_app`` (``tessera serve`` does t
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -26,7 +28,7 @@ from backend.accounts import views as accounts_views
 from backend.accounts.login import Viewer, resolve_principal
 from backend.config import Settings, get_settings
 from backend.db import session_scope
-from backend.errors import AppError, Unauthorized
+from backend.errors import AppError, ErrorResponse, Unauthorized
 from backend.middleware import TOO_LARGE_CODE, BodyLimitMiddleware, UnhandledErrorMiddleware
 from backend.observability import HttpMetrics, ObservabilityMiddleware, configure_logging
 from backend.ui import views as ui_views
@@ -65,6 +67,7 @@ _STATUS_TITLES = {
     500: "Something went wrong",
 }
 _JSON_PATH_PREFIXES = (API_PREFIX, "/healthz", "/metrics", "/openapi.json")
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 #: A validation error repeats at most this much of the offending value (never a whole large body).
 MAX_ECHOED_INPUT_CHARS = 200
 
@@ -144,13 +147,35 @@ async def _app_error_handler(request: Request, exc: Exception) -> Response:
     return _error_response(request, exc.status_code, exc.code, exc.detail, headers)
 
 
+@functools.cache
+def _path_template_regex(template: str) -> re.Pattern[str]:
+    literal_parts = re.split(r"\{[^/}]+\}", template)
+    return re.compile("[^/]+".join(re.escape(part) for part in literal_parts))
+
+
+def _documented_methods(request: Request) -> list[str] | None:
+    """The methods the OpenAPI schema documents for the request's path (a literal path such as
+    ``/users/me`` wins over a template such as ``/users/{user_id}``), or None for undocumented paths."""
+    paths: dict[str, dict[str, Any]] = request.app.openapi().get("paths", {})
+    for template in sorted(paths, key=lambda t: (t.count("{"), t)):
+        if _path_template_regex(template).fullmatch(request.url.path):
+            return sorted(method.upper() for method in paths[template] if method.upper() in _HTTP_METHODS)
+    return None
+
+
 async def _http_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     code = _STATUS_CODES.get(exc.status_code, "http_error")
     detail = exc.detail
+    headers = dict(exc.headers or {})
     if exc.status_code == 404:
         detail = "There is nothing at this address."
-    return _error_response(request, exc.status_code, code, detail, dict(exc.headers or {}))
+    if exc.status_code == 405:
+        # The router names only the first route that matched the path; list every method of the path.
+        methods = _documented_methods(request)
+        if methods:
+            headers["Allow"] = ", ".join(methods)
+    return _error_response(request, exc.status_code, code, detail, headers)
 
 
 def _bounded_input(error: dict[str, Any]) -> dict[str, Any]:
@@ -189,6 +214,35 @@ async def _unexpected_error_handler(request: Request, exc: Exception) -> Respons
     )
 
 
+def _document_common_responses(app: FastAPI) -> None:
+    """Add to the OpenAPI schema the answers every operation with a request body can give, besides
+    its own: 400 (the body is not valid JSON or form data) and 413 (over ``max_request_body_bytes``).
+    Operations added later are covered without repeating them on each route."""
+    build_schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build_schema()
+        error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        schema.setdefault("components", {}).setdefault("schemas", {}).setdefault(
+            "ErrorResponse", ErrorResponse.model_json_schema()
+        )
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                if not isinstance(operation, dict) or "requestBody" not in operation:
+                    continue
+                responses = operation.setdefault("responses", {})
+                responses.setdefault(
+                    "400",
+                    {"description": "The body could not be parsed, or was refused.", "content": error},
+                )
+                responses.setdefault("413", {"description": "The body is too large.", "content": error})
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the Tessera web application for ``settings`` (default: from the environment)."""
     settings = settings or get_settings()
@@ -225,4 +279,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for page_router in (accounts_views.router, ui_views.router):
         app.include_router(page_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _document_common_responses(app)
     return app
