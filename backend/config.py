@@ -68,8 +68,17 @@ class Settings(BaseSettings):
         default=60, ge=0, description="How often a session's last-seen time is written (fewer writes)."
     )
     health_broker_timeout_seconds: float = Field(default=2.0, gt=0, description="Broker timeout in /healthz.")
+    metrics_token: str = Field(
+        default="",
+        description="When set, /metrics requires `Authorization: Bearer <it>`; empty: /metrics is open.",
+    )
 
     # Limits on what users send (uploads and the engine's readers)
+    max_request_body_bytes: int = Field(
+        default=2 * 1024**2,
+        ge=1,
+        description="Largest JSON or form request body; streamed uploads have their own limits.",
+    )
     max_upload_bytes: int = Field(default=20 * 1024**3, ge=1)
     max_archive_members: int = Field(default=200_000, ge=1)
     max_extracted_bytes: int = Field(default=200 * 1024**3, ge=1)

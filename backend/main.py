@@ -5,10 +5,14 @@ Run with ``uvicorn --factory backend.main:create_app`` (``tessera serve`` does t
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
@@ -24,7 +28,8 @@ from backend.accounts import views as accounts_views
 from backend.accounts.login import Viewer, resolve_principal
 from backend.config import Settings, get_settings
 from backend.db import session_scope
-from backend.errors import AppError, Unauthorized
+from backend.errors import AppError, ErrorResponse, Unauthorized
+from backend.middleware import TOO_LARGE_CODE, BodyLimitMiddleware, UnhandledErrorMiddleware
 from backend.observability import HttpMetrics, ObservabilityMiddleware, configure_logging
 from backend.ui import views as ui_views
 from backend.ui.templating import STATIC_DIR, is_htmx, render
@@ -47,6 +52,7 @@ _STATUS_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    413: TOO_LARGE_CODE,
 }
 _STATUS_TITLES = {
     400: "That did not work",
@@ -55,11 +61,15 @@ _STATUS_TITLES = {
     404: "Page not found",
     405: "Not allowed",
     409: "Already exists",
+    413: "Too large",
     422: "Please check the form",
     429: "Too many attempts",
     500: "Something went wrong",
 }
 _JSON_PATH_PREFIXES = (API_PREFIX, "/healthz", "/metrics", "/openapi.json")
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
+#: A validation error repeats at most this much of the offending value (never a whole large body).
+MAX_ECHOED_INPUT_CHARS = 200
 
 
 def _app_version() -> str:
@@ -137,19 +147,59 @@ async def _app_error_handler(request: Request, exc: Exception) -> Response:
     return _error_response(request, exc.status_code, exc.code, exc.detail, headers)
 
 
+@functools.cache
+def _path_template_regex(template: str) -> re.Pattern[str]:
+    literal_parts = re.split(r"\{[^/}]+\}", template)
+    return re.compile("[^/]+".join(re.escape(part) for part in literal_parts))
+
+
+def _documented_methods(request: Request) -> list[str] | None:
+    """The methods the OpenAPI schema documents for the request's path (a literal path such as
+    ``/users/me`` wins over a template such as ``/users/{user_id}``), or None for undocumented paths."""
+    paths: dict[str, dict[str, Any]] = request.app.openapi().get("paths", {})
+    for template in sorted(paths, key=lambda t: (t.count("{"), t)):
+        if _path_template_regex(template).fullmatch(request.url.path):
+            return sorted(method.upper() for method in paths[template] if method.upper() in _HTTP_METHODS)
+    return None
+
+
 async def _http_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     code = _STATUS_CODES.get(exc.status_code, "http_error")
     detail = exc.detail
+    headers = dict(exc.headers or {})
     if exc.status_code == 404:
         detail = "There is nothing at this address."
-    return _error_response(request, exc.status_code, code, detail, dict(exc.headers or {}))
+    if exc.status_code == 405:
+        # The router names only the first route that matched the path; list every method of the path.
+        methods = _documented_methods(request)
+        if methods:
+            headers["Allow"] = ", ".join(methods)
+    return _error_response(request, exc.status_code, code, detail, headers)
+
+
+def _bounded_input(error: dict[str, Any]) -> dict[str, Any]:
+    """``error`` with its ``input`` cut to :data:`MAX_ECHOED_INPUT_CHARS` (a long string is truncated,
+    a large object or list is left out), so a 422 never echoes a large request back."""
+    if "input" not in error:
+        return error
+    bounded = dict(error)
+    value = jsonable_encoder(error["input"])
+    if isinstance(value, str):
+        if len(value) > MAX_ECHOED_INPUT_CHARS:
+            bounded["input"] = value[:MAX_ECHOED_INPUT_CHARS] + "…"
+    elif len(json.dumps(value, default=str)) > MAX_ECHOED_INPUT_CHARS:
+        del bounded["input"]
+    else:
+        bounded["input"] = value
+    return bounded
 
 
 async def _validation_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     if wants_json(request):
-        return _error_response(request, 422, "validation_error", exc.errors(), {})
+        errors = [_bounded_input(error) for error in exc.errors()]
+        return _error_response(request, 422, "validation_error", errors, {})
     problems = "; ".join(
         f"{'.'.join(str(p) for p in error.get('loc', ())[1:]) or 'request'}: {error.get('msg', 'invalid')}"
         for error in exc.errors()
@@ -162,6 +212,35 @@ async def _unexpected_error_handler(request: Request, exc: Exception) -> Respons
     return _error_response(
         request, 500, "internal_error", "Something went wrong on our side. It has been logged.", {}
     )
+
+
+def _document_common_responses(app: FastAPI) -> None:
+    """Add to the OpenAPI schema the answers every operation with a request body can give, besides
+    its own: 400 (the body is not valid JSON or form data) and 413 (over ``max_request_body_bytes``).
+    Operations added later are covered without repeating them on each route."""
+    build_schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build_schema()
+        error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        schema.setdefault("components", {}).setdefault("schemas", {}).setdefault(
+            "ErrorResponse", ErrorResponse.model_json_schema()
+        )
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                if not isinstance(operation, dict) or "requestBody" not in operation:
+                    continue
+                responses = operation.setdefault("responses", {})
+                responses.setdefault(
+                    "400",
+                    {"description": "The body could not be parsed, or was refused.", "content": error},
+                )
+                responses.setdefault("413", {"description": "The body is too large.", "content": error})
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -186,11 +265,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = HttpMetrics()
+    # Outermost last: request ids, headers and metrics see every response, the 500s included.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    app.add_middleware(UnhandledErrorMiddleware, handler=_unexpected_error_handler)
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics)
     app.add_exception_handler(AppError, _app_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
-    app.add_exception_handler(Exception, _unexpected_error_handler)
     # One API router and one page router per domain; operations (health, metrics) stay outside /api/v1.
     for api_router in (accounts_api.router,):
         app.include_router(api_router, prefix=API_PREFIX)
@@ -198,4 +279,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for page_router in (accounts_views.router, ui_views.router):
         app.include_router(page_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _document_common_responses(app)
     return app

@@ -34,6 +34,10 @@ DOCS_CONTENT_SECURITY_POLICY = CONTENT_SECURITY_POLICY.replace(
     "style-src 'self'", "style-src 'self' 'unsafe-inline'"
 )
 DOCS_PATH = "/docs"
+#: Static files keep their own caching; every other response (API, pages, errors) may carry secrets
+#: or per-user content and is never stored by browsers or proxies.
+STATIC_PATH_PREFIX = "/static/"
+NO_STORE = "no-store"
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -126,6 +130,9 @@ def route_template(scope: Scope) -> str:
 class ObservabilityMiddleware:
     """Gives every request an id, adds security headers, records metrics and logs one line per request.
 
+    Security headers include ``Cache-Control: no-store`` on every response outside ``/static/``
+    (tokens, the settings page, any signed-in page), unless a route sets its own.
+
     Metrics use the route *template* (``/api/v1/tokens/{token_id}``), never the raw path, so label
     cardinality stays bounded.
     """
@@ -147,6 +154,7 @@ class ObservabilityMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
         csp = DOCS_CONTENT_SECURITY_POLICY if scope.get("path") == DOCS_PATH else CONTENT_SECURITY_POLICY
+        cacheable = scope.get("path", "").startswith(STATIC_PATH_PREFIX)
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status
@@ -157,6 +165,8 @@ class ObservabilityMiddleware:
                 headers.setdefault("Content-Security-Policy", csp)
                 for name, value in SECURITY_HEADERS.items():
                     headers.setdefault(name, value)
+                if not cacheable:
+                    headers.setdefault("Cache-Control", NO_STORE)
             await send(message)
 
         try:

@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response, status
 from fastapi.security import OAuth2PasswordRequestForm
 
+from backend import paths  # noqa: F401  (registers the ``row_id`` path convertor)
 from backend.accounts import login, sessions, tokens, users
 from backend.accounts.schemas import (
     AccessToken,
@@ -91,13 +92,14 @@ def create_user(body: UserCreate, _admin: AdminUser, session: SessionDep, settin
     return UserRead.model_validate(user)
 
 
-@users_router.get("/{user_id}", response_model=UserRead, responses={404: {"model": ErrorResponse}})
+# ":row_id" (backend.paths): /users/me is never taken for an id, so PATCH /users/me is a 405.
+@users_router.get("/{user_id:row_id}", response_model=UserRead, responses={404: {"model": ErrorResponse}})
 def read_user(user_id: int, _admin: AdminUser, session: SessionDep) -> UserRead:
     """One account (admins only)."""
     return UserRead.model_validate(users.get_user(session, user_id))
 
 
-@users_router.patch("/{user_id}", response_model=UserRead, responses={404: {"model": ErrorResponse}})
+@users_router.patch("/{user_id:row_id}", response_model=UserRead, responses={404: {"model": ErrorResponse}})
 def update_user(user_id: int, body: UserUpdate, admin: AdminUser, session: SessionDep) -> UserRead:
     """Deactivate or reactivate an account, or change its role (admins only).
 

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from backend.config import Settings
+from backend.db import session_scope, upgrade_database
 from backend.main import create_app
-from tests.conftest import SyncClient
+from tests.conftest import SyncClient, new_database_url
 
 
 def test_healthz_ok(client):
@@ -96,3 +105,65 @@ def test_unexpected_errors_are_a_500_page_or_json_without_internals(settings, po
         assert "secret internals" not in api.text + page.text
     finally:
         client.close()
+
+
+@pytest.fixture
+def read_only_settings(settings: Settings, tmp_path: Path) -> Iterator[Settings]:
+    """The test settings on a migrated database that refuses writes, even to root.
+
+    SQLite: the same file opened with ``mode=ro`` (file permissions do not stop root). Postgres: a
+    fresh migrated database with ``default_transaction_read_only`` switched on.
+    """
+    if settings.is_sqlite:
+        path = make_url(settings.database_url).database
+        yield settings.model_copy(update={"database_url": f"sqlite:///file:{path}?mode=ro&uri=true"})
+        return
+    url, remove = new_database_url("postgres", tmp_path)
+    upgrade_database(settings.model_copy(update={"database_url": url}))
+    name = make_url(url).database
+    with create_engine(url, isolation_level="AUTOCOMMIT").connect() as connection:
+        connection.execute(text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'))
+    try:
+        yield settings.model_copy(update={"database_url": url})
+    finally:
+        remove()
+
+
+def test_healthz_is_degraded_when_the_database_refuses_writes(read_only_settings, make_client, make_user):
+    user = make_user("alice")  # written before the database turns read-only (SQLite: the same file)
+    client = make_client(read_only_settings)
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    assert response.json() == {"status": "degraded", "database": "not_writable", "broker": "ok"}
+    if read_only_settings.is_sqlite:  # what the health check predicts: signing in needs a write
+        login = client.post("/api/v1/auth/token", data={"username": user.username, "password": user.password})
+        assert login.status_code == 500
+
+
+def test_healthz_check_leaves_the_database_unchanged(client, settings):
+    with session_scope(settings) as session:
+        before = session.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+    assert client.get("/healthz").status_code == 200
+    with session_scope(settings) as session:
+        assert session.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == before
+
+
+def test_metrics_need_the_token_when_one_is_configured(settings, make_client):
+    client = make_client(settings.model_copy(update={"metrics_token": "scrape-secret"}))
+    anonymous = client.get("/metrics")
+    assert anonymous.status_code == 401
+    assert anonymous.json()["error"] == "unauthorized"
+    assert anonymous.headers["WWW-Authenticate"] == "Bearer"
+    assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/metrics", headers={"Authorization": "Basic scrape-secret"}).status_code == 401
+    scraped = client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
+    assert scraped.status_code == 200
+    assert scraped.headers["content-type"].startswith("text/plain")
+    assert "tessera_http_requests_total" in scraped.text
+
+
+def test_metrics_are_open_without_a_token_and_documented_as_text(client):
+    assert client.get("/metrics").status_code == 200
+    responses = client.get("/openapi.json").json()["paths"]["/metrics"]["get"]["responses"]
+    assert set(responses["200"]["content"]) == {"text/plain"}
+    assert "401" in responses
