@@ -22,7 +22,7 @@ from backend.accounts.schemas import (
     UserRead,
     UserUpdate,
 )
-from backend.deps import AdminUser, CurrentUser, PrincipalDep, SessionDep, SettingsDep
+from backend.deps import AdminUser, CurrentUser, PrincipalDep, RowId, SessionDep, SessionId, SettingsDep
 from backend.errors import ErrorResponse
 
 auth_router = APIRouter(prefix="/auth", tags=["auth"])
@@ -92,13 +92,13 @@ def create_user(body: UserCreate, _admin: AdminUser, session: SessionDep, settin
 
 
 @users_router.get("/{user_id}", response_model=UserRead, responses={404: {"model": ErrorResponse}})
-def read_user(user_id: int, _admin: AdminUser, session: SessionDep) -> UserRead:
+def read_user(user_id: RowId, _admin: AdminUser, session: SessionDep) -> UserRead:
     """One account (admins only)."""
     return UserRead.model_validate(users.get_user(session, user_id))
 
 
 @users_router.patch("/{user_id}", response_model=UserRead, responses={404: {"model": ErrorResponse}})
-def update_user(user_id: int, body: UserUpdate, admin: AdminUser, session: SessionDep) -> UserRead:
+def update_user(user_id: RowId, body: UserUpdate, admin: AdminUser, session: SessionDep) -> UserRead:
     """Deactivate or reactivate an account, or change its role (admins only).
 
     Deactivation revokes all the account's sessions and tokens immediately.
@@ -128,7 +128,7 @@ def create_token(body: TokenCreate, user: CurrentUser, session: SessionDep) -> T
 @tokens_router.delete(
     "/{token_id}", status_code=status.HTTP_204_NO_CONTENT, responses={404: {"model": ErrorResponse}}
 )
-def revoke_token(token_id: int, user: CurrentUser, session: SessionDep) -> Response:
+def revoke_token(token_id: RowId, user: CurrentUser, session: SessionDep) -> Response:
     """Revoke one of the caller's tokens; it stops working at once."""
     tokens.revoke_token(session, user, token_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -158,7 +158,7 @@ def list_sessions(principal: PrincipalDep, session: SessionDep) -> list[SessionR
 @sessions_router.delete(
     "/{session_id}", status_code=status.HTTP_204_NO_CONTENT, responses={404: {"model": ErrorResponse}}
 )
-def revoke_session(session_id: str, principal: PrincipalDep, session: SessionDep) -> Response:
+def revoke_session(session_id: SessionId, principal: PrincipalDep, session: SessionDep) -> Response:
     """Sign one of the caller's sessions out; another user's session is 404."""
     sessions.revoke_user_session(session, principal.user, session_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

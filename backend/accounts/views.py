@@ -16,7 +16,15 @@ from backend import csrf
 from backend.accounts import login, sessions, tokens, users
 from backend.accounts.login import Principal
 from backend.config import Settings
-from backend.deps import AdminUser, OptionalPrincipal, PrincipalDep, SessionDep, SettingsDep
+from backend.deps import (
+    AdminUser,
+    OptionalPrincipal,
+    PrincipalDep,
+    RowId,
+    SessionDep,
+    SessionId,
+    SettingsDep,
+)
 from backend.errors import AppError, Invalid, TooManyRequests, Unauthorized
 from backend.models import Role, User
 from backend.ui.templating import flash, is_htmx, render
@@ -229,7 +237,7 @@ def create_token(
 
 
 @settings_router.post("/tokens/{token_id}/revoke")
-def revoke_token(request: Request, token_id: int, principal: PrincipalDep, session: SessionDep) -> Response:
+def revoke_token(request: Request, token_id: RowId, principal: PrincipalDep, session: SessionDep) -> Response:
     """Revoke one of the user's tokens."""
     tokens.revoke_token(session, principal.user, token_id)
     if is_htmx(request):
@@ -241,7 +249,7 @@ def revoke_token(request: Request, token_id: int, principal: PrincipalDep, sessi
 
 @settings_router.post("/sessions/{session_id}/revoke")
 def revoke_session(
-    request: Request, session_id: str, principal: PrincipalDep, session: SessionDep
+    request: Request, session_id: SessionId, principal: PrincipalDep, session: SessionDep
 ) -> Response:
     """Sign out one of the user's browser sessions (the current one leads back to the sign-in page)."""
     sessions.revoke_user_session(session, principal.user, session_id)
@@ -312,7 +320,7 @@ def create_user(
 
 
 @admin_router.post("/users/{user_id}/deactivate")
-def deactivate_user(request: Request, user_id: int, admin: AdminUser, session: SessionDep) -> Response:
+def deactivate_user(request: Request, user_id: RowId, admin: AdminUser, session: SessionDep) -> Response:
     """Deactivate an account: its sessions and tokens stop working at once."""
     user = users.get_user(session, user_id)
     users.deactivate_user(session, user, acting_user=admin)
@@ -324,7 +332,7 @@ def deactivate_user(request: Request, user_id: int, admin: AdminUser, session: S
 
 
 @admin_router.post("/users/{user_id}/reactivate")
-def reactivate_user(request: Request, user_id: int, admin: AdminUser, session: SessionDep) -> Response:
+def reactivate_user(request: Request, user_id: RowId, admin: AdminUser, session: SessionDep) -> Response:
     """Let a deactivated account sign in again."""
     user = users.get_user(session, user_id)
     users.reactivate_user(session, user)
