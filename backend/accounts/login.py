@@ -105,7 +105,11 @@ def authenticate(session: Session, settings: Settings, username: str, password: 
     A failed attempt is recorded in a short transaction of its own, because the request's
     transaction is rolled back on errors and the failure must still count.
     """
-    key = normalize_username(username)[:USERNAME_MAX_LENGTH]
+    key = normalize_username(username)
+    if len(key) > USERNAME_MAX_LENGTH:
+        # No account has such a name. Never truncate it: that would sign in (or throttle) the
+        # account whose name is its first characters. It counts as a failure of "no account".
+        key = ""
     now = utcnow()
     retry_after = throttle_retry_after(session, settings, key, now)
     if retry_after is not None:
