@@ -61,7 +61,12 @@ def read_me(user: CurrentUser) -> UserRead:
 def change_my_password(
     body: PasswordChange, principal: PrincipalDep, session: SessionDep, settings: SettingsDep
 ) -> Response:
-    """Change the caller's password; every other browser session is signed out."""
+    """Change the caller's password.
+
+    Every other browser session and every password-flow access token (`tsa_`) is revoked; the
+    credential making this request and the personal tokens (`tsr_`) keep working (revoke those
+    one by one with `DELETE /api/v1/tokens/{id}`). `tessera user set-password` revokes them all.
+    """
     users.change_password(
         session,
         settings,
@@ -69,6 +74,7 @@ def change_my_password(
         current_password=body.current_password,
         new_password=body.new_password,
         keep_session_id=principal.session.id if principal.session else None,
+        keep_token_id=principal.token.id if principal.token else None,
     )
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 

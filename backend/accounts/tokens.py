@@ -114,13 +114,20 @@ def revoke_token(session: Session, user: User, token_id: int) -> ApiToken:
     return row
 
 
-def revoke_all_for_user(session: Session, user: User) -> None:
-    """Revoke every token of ``user`` (on deactivation)."""
+def revoke_all_for_user(
+    session: Session, user: User, *, kind: TokenKind | None = None, except_id: int | None = None
+) -> None:
+    """Revoke every token of ``user`` (on deactivation), or those of one ``kind``; ``except_id`` stays."""
     session.flush()  # pending changes (such as is_active) must not be lost to expire_all below
-    session.execute(
+    statement = (
         update(ApiToken)
         .where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
         .values(revoked_at=utcnow())
         .execution_options(synchronize_session=False)
     )
+    if kind is not None:
+        statement = statement.where(ApiToken.kind == kind)
+    if except_id is not None:
+        statement = statement.where(ApiToken.id != except_id)
+    session.execute(statement)
     session.expire_all()

@@ -202,7 +202,7 @@ def change_password(
     new_password: Annotated[str, Form()] = "",
     confirm_password: Annotated[str, Form()] = "",
 ) -> Response:
-    """Change the password; every other browser session is signed out."""
+    """Change the password; other browser sessions and password-flow tokens are signed out."""
     try:
         if new_password != confirm_password:
             raise _FormError("The new password and its confirmation do not match.")
@@ -218,7 +218,12 @@ def change_password(
         context = _settings_context(principal, session, password_error=str(exc))
         return render(request, "accounts/settings.html", context, status_code=400)
     response = RedirectResponse("/settings", status_code=303)
-    flash(response, request, "success", "Password changed. Other browsers have been signed out.")
+    flash(
+        response,
+        request,
+        "success",
+        "Password changed. Other browsers and password-flow tokens have been signed out.",
+    )
     return response
 
 
