@@ -120,8 +120,11 @@ tokens_router = APIRouter(prefix="/tokens", tags=["tokens"], responses={401: {"m
 
 @tokens_router.get("", response_model=list[TokenRead])
 def list_tokens(user: CurrentUser, session: SessionDep) -> list[TokenRead]:
-    """The caller's active personal tokens (prefixes only)."""
-    return [TokenRead.model_validate(row) for row in tokens.list_personal_tokens(session, user)]
+    """The caller's tokens that still work, personal and password-flow (`kind`), prefixes only.
+
+    Either kind can be revoked with `DELETE /api/v1/tokens/{id}`.
+    """
+    return [TokenRead.model_validate(row) for row in tokens.list_live_tokens(session, user)]
 
 
 @tokens_router.post("", response_model=TokenCreated, status_code=status.HTTP_201_CREATED)
@@ -135,7 +138,7 @@ def create_token(body: TokenCreate, user: CurrentUser, session: SessionDep) -> T
     "/{token_id}", status_code=status.HTTP_204_NO_CONTENT, responses={404: {"model": ErrorResponse}}
 )
 def revoke_token(token_id: RowId, user: CurrentUser, session: SessionDep) -> Response:
-    """Revoke one of the caller's tokens; it stops working at once."""
+    """Revoke one of the caller's tokens (personal or password-flow); it stops working at once."""
     tokens.revoke_token(session, user, token_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 

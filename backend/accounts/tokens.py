@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, joinedload
 
 from backend.config import Settings
@@ -104,8 +104,27 @@ def list_personal_tokens(session: Session, user: User) -> list[ApiToken]:
     return list(rows)
 
 
+def list_live_tokens(session: Session, user: User) -> list[ApiToken]:
+    """Every token of the user that still works, both kinds, newest first.
+
+    Password-flow access tokens are listed too, so their owner can see and revoke them before
+    they expire.
+    """
+    now = utcnow()
+    rows = session.scalars(
+        select(ApiToken)
+        .where(
+            ApiToken.user_id == user.id,
+            ApiToken.revoked_at.is_(None),
+            or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > now),
+        )
+        .order_by(ApiToken.created_at.desc(), ApiToken.id.desc())
+    )
+    return list(rows)
+
+
 def revoke_token(session: Session, user: User, token_id: int) -> ApiToken:
-    """Revoke one of the user's own tokens; anyone else's token is :class:`NotFound`."""
+    """Revoke one of the user's own tokens (either kind); anyone else's token is :class:`NotFound`."""
     row = session.get(ApiToken, token_id)
     if row is None or row.user_id != user.id or row.revoked_at is not None:
         raise NotFound("No such token.")

@@ -168,7 +168,7 @@ class _FormError(ValueError):
 def _settings_context(principal: Principal, session: Session, **extra: Any) -> dict[str, Any]:
     return {
         "active": "settings",
-        "tokens": tokens.list_personal_tokens(session, principal.user),
+        "tokens": tokens.list_live_tokens(session, principal.user),
         "sessions": sessions.list_active_sessions(session, principal.user),
         "current_session_id": principal.session.id if principal.session else None,
         "new_token": None,
