@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from backend.accounts import sessions as session_service
@@ -22,6 +22,8 @@ from backend.models import USERNAME_MAX_LENGTH, ApiToken, LoginAttempt, Role, Us
 from backend.security import burn_password_check, hash_password, password_hasher
 
 INCORRECT_CREDENTIALS = "Incorrect username or password."
+#: Width of the ``ip`` column of login attempts (an IPv6 address needs at most 45 characters).
+IP_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,15 @@ class Viewer:
         return cls(id=user.id, username=user.username, role=user.role, csrf_token=csrf_token)
 
 
-def throttle_retry_after(session: Session, settings: Settings, username: str, now: datetime) -> int | None:
+def throttle_retry_after(
+    session: Session, settings: Settings, username: str, now: datetime, *, exclude_id: int | None = None
+) -> int | None:
     """Seconds until ``username`` may try again, or None when not throttled.
 
-    Counts failures inside the sliding window that came after the last success; once
-    ``login_max_failures`` are reached, the lock lifts when the oldest of the most recent
-    ``login_max_failures`` failures leaves the window.
+    Counts failures inside the sliding window that came after the last success (attempts still
+    being checked count as failures, see :func:`authenticate`; ``exclude_id`` leaves out the
+    caller's own); once ``login_max_failures`` are reached, the lock lifts when the oldest of the
+    most recent ``login_max_failures`` failures leaves the window.
 
     ``func.max`` keeps the column type, so ``last_success`` comes back timezone-aware on SQLite too.
     """
@@ -84,6 +89,8 @@ def throttle_retry_after(session: Session, settings: Settings, username: str, no
     )
     if last_success is not None:
         query = query.where(LoginAttempt.at > last_success)
+    if exclude_id is not None:
+        query = query.where(LoginAttempt.id != exclude_id)
     failures = list(
         session.scalars(query.order_by(LoginAttempt.at.desc()).limit(settings.login_max_failures))
     )
@@ -93,8 +100,30 @@ def throttle_retry_after(session: Session, settings: Settings, username: str, no
     return max(1, int((unlock_at - now).total_seconds()) + 1)
 
 
-def _record_attempt(session: Session, username: str, *, success: bool, ip: str, now: datetime) -> None:
-    session.add(LoginAttempt(username=username, success=success, at=now, ip=ip[:64]))
+def _reserve_attempt(session: Session, settings: Settings, key: str, *, ip: str, now: datetime) -> int:
+    """Record the attempt as a failure before the password is checked, or raise when throttled.
+
+    The row is committed at once in a transaction of its own, *then* the earlier failures are
+    counted: every concurrent attempt sees the rows committed before its count, so the k-th
+    attempt to commit sees at least k-1 others, and at most ``login_max_failures`` of a burst get
+    as far as a password check. A throttled attempt takes its row back. The request's own
+    connection is not used here: it may be the only one the pool has left.
+    """
+    with Session(bind=session.get_bind()) as own:
+        with own.begin():
+            row = LoginAttempt(username=key, success=False, at=now, ip=ip[:IP_MAX])
+            own.add(row)
+            own.flush()
+            attempt_id = row.id
+        with own.begin():
+            retry_after = throttle_retry_after(own, settings, key, now, exclude_id=attempt_id)
+            if retry_after is not None:
+                own.execute(delete(LoginAttempt).where(LoginAttempt.id == attempt_id))
+    if retry_after is not None:
+        raise TooManyRequests(
+            f"Too many failed sign-in attempts. Try again in {retry_after} seconds.", retry_after=retry_after
+        )
+    return attempt_id
 
 
 def authenticate(session: Session, settings: Settings, username: str, password: str, *, ip: str = "") -> User:
@@ -102,8 +131,10 @@ def authenticate(session: Session, settings: Settings, username: str, password: 
 
     Raises :class:`TooManyRequests` (with Retry-After) when the account is throttled, even for the
     right password, and :class:`Unauthorized` with one generic message for every other failure.
-    A failed attempt is recorded in a short transaction of its own, because the request's
-    transaction is rolled back on errors and the failure must still count.
+    The attempt is recorded as a failure in a short transaction of its own before the password
+    is checked (so concurrent guesses cannot all slip under the limit, and the failure counts
+    although the request's transaction is rolled back on errors); a right password turns it
+    into a success in the request's transaction.
     """
     key = normalize_username(username)
     if len(key) > USERNAME_MAX_LENGTH:
@@ -111,11 +142,7 @@ def authenticate(session: Session, settings: Settings, username: str, password: 
         # account whose name is its first characters. It counts as a failure of "no account".
         key = ""
     now = utcnow()
-    retry_after = throttle_retry_after(session, settings, key, now)
-    if retry_after is not None:
-        raise TooManyRequests(
-            f"Too many failed sign-in attempts. Try again in {retry_after} seconds.", retry_after=retry_after
-        )
+    attempt_id = _reserve_attempt(session, settings, key, ip=ip, now=now)
     user = get_by_username(session, key) if key else None
     if user is None:
         burn_password_check(settings, password)
@@ -126,10 +153,8 @@ def authenticate(session: Session, settings: Settings, username: str, password: 
             # Hash parameters changed since this password was set: store it at today's cost.
             user.password_hash = hash_password(settings, password)
     if user is None or not valid or not user.is_active:
-        with Session(bind=session.get_bind()) as own, own.begin():
-            _record_attempt(own, key, success=False, ip=ip, now=now)
         raise Unauthorized(INCORRECT_CREDENTIALS)
-    _record_attempt(session, key, success=True, ip=ip, now=now)
+    session.execute(update(LoginAttempt).where(LoginAttempt.id == attempt_id).values(success=True))
     # Old rows carry no information any more; pruning here keeps the table small without a job.
     session.execute(
         delete(LoginAttempt).where(
