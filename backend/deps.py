@@ -21,10 +21,11 @@ from backend.db import session_scope
 from backend.errors import Forbidden, NotFound, Unauthorized
 from backend.models import SESSION_ID_LENGTH, User
 
-#: Largest id the databases store (a signed 64-bit integer); larger path ids are a 422, never a 500.
-MAX_ROW_ID = 2**63 - 1
+#: Largest id an ``Integer`` primary key holds on every database (Postgres' ``integer`` is 32-bit;
+#: SQLite's is 64-bit); larger path ids are a 422, never a 500.
+MAX_ROW_ID = 2**31 - 1
 
-#: A row id in a path (``/tokens/{token_id}``): a positive signed 64-bit integer.
+#: A row id in a path (``/tokens/{token_id}``): a positive integer the id columns can hold.
 RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 #: A browser session id in a path: the hex SHA-256 the session row is keyed by.
 SessionId = Annotated[str, Path(min_length=1, max_length=SESSION_ID_LENGTH)]

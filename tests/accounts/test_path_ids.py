@@ -7,7 +7,7 @@ import pytest
 from backend.deps import MAX_ROW_ID
 from backend.models import Role
 
-HUGE_IDS = ["99999999999999999999", str(MAX_ROW_ID + 1), "-1", "0"]
+HUGE_IDS = ["99999999999999999999", str(2**63), str(MAX_ROW_ID + 1), "-1", "0"]
 API_ROUTES = [
     ("GET", "/api/v1/users/{id}", None),
     ("PATCH", "/api/v1/users/{id}", {"is_active": False}),
