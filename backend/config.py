@@ -63,6 +63,14 @@ class Settings(BaseSettings):
         default=50, ge=1, description="Failed logins per client IP and window, across all accounts."
     )
     login_window_seconds: int = Field(default=15 * 60, ge=1)
+    account_records_retention_days: int = Field(
+        default=30,
+        ge=0,
+        description="Days login attempts, and expired or revoked sessions and tokens, are kept.",
+    )
+    account_prune_interval_seconds: int = Field(
+        default=3600, ge=1, description="How often Celery beat runs the pruning of those records."
+    )
     admin_username: str = Field(
         default="admin", description="First admin created by `serve` when no user exists."
     )

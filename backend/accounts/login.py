@@ -200,13 +200,7 @@ def authenticate(session: Session, settings: Settings, username: str, password: 
     if user is None or not valid or not user.is_active:
         raise Unauthorized(INCORRECT_CREDENTIALS)
     session.execute(update(LoginAttempt).where(LoginAttempt.id == attempt_id).values(success=True))
-    # Old rows carry no information any more; pruning here keeps the table small without a job.
-    session.execute(
-        delete(LoginAttempt).where(
-            LoginAttempt.username == key,
-            LoginAttempt.at < now - timedelta(seconds=settings.login_window_seconds),
-        )
-    )
+    # Old attempts are deleted by the periodic ``accounts.prune`` task (backend.accounts.retention).
     session.flush()
     return user
 
