@@ -25,7 +25,7 @@ def test_failures_from_one_ip_do_not_lock_out_the_owner_elsewhere(make_client, m
     assert refused.status_code == 429
     assert 0 < int(refused.headers["Retry-After"]) <= settings.login_window_seconds + 1
 
-    # ...but the owner, from an address with no failures, signs in (API and sign-in page).
+    # ...but the owner, from an address with no failures, signs in.
     owner = make_client(client_ip=OWNER_IP)
     assert _token(owner, "alice", user.password).status_code == 200
     with session_scope(settings) as session:
