@@ -54,8 +54,23 @@ class Settings(BaseSettings):
     session_max_age_seconds: int = Field(default=14 * 24 * 3600, ge=60)
     cookie_secure: bool = Field(default=False, description="Set the Secure flag (enable behind HTTPS).")
     access_token_max_age_seconds: int = Field(default=3600, ge=60, description="OAuth2 password-flow tokens.")
-    login_max_failures: int = Field(default=10, ge=1)
+    login_max_failures: int = Field(
+        default=10,
+        ge=1,
+        description="Failed logins per account and window before the clients that failed are refused.",
+    )
+    login_ip_max_failures: int = Field(
+        default=50, ge=1, description="Failed logins per client IP and window, across all accounts."
+    )
     login_window_seconds: int = Field(default=15 * 60, ge=1)
+    account_records_retention_days: int = Field(
+        default=30,
+        ge=0,
+        description="Days login attempts, and expired or revoked sessions and tokens, are kept.",
+    )
+    account_prune_interval_seconds: int = Field(
+        default=3600, ge=1, description="How often Celery beat runs the pruning of those records."
+    )
     admin_username: str = Field(
         default="admin", description="First admin created by `serve` when no user exists."
     )

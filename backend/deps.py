@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Path, Request, Security
 from fastapi.security import OAuth2PasswordBearer
 from sqlalchemy.orm import Session
 
@@ -19,7 +19,16 @@ from backend.accounts.login import Principal, Viewer, resolve_principal
 from backend.config import Settings
 from backend.db import session_scope
 from backend.errors import Forbidden, NotFound, Unauthorized
-from backend.models import User
+from backend.models import SESSION_ID_LENGTH, User
+
+#: Largest id an ``Integer`` primary key holds on every database (Postgres' ``integer`` is 32-bit;
+#: SQLite's is 64-bit); larger path ids are a 422, never a 500.
+MAX_ROW_ID = 2**31 - 1
+
+#: A row id in a path (``/tokens/{token_id}``): a positive integer the id columns can hold.
+RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
+#: A browser session id in a path: the hex SHA-256 the session row is keyed by.
+SessionId = Annotated[str, Path(min_length=1, max_length=SESSION_ID_LENGTH)]
 
 
 def get_app_settings(request: Request) -> Settings:

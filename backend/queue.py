@@ -28,6 +28,7 @@ HEALTH_QUEUE = "tessera.health"
 
 #: Task names, sent by the web process and registered by the worker.
 SYSTEM_PING = "system.ping"
+ACCOUNTS_PRUNE = "accounts.prune"
 
 
 @lru_cache

@@ -114,10 +114,13 @@ class SyncClient:
         portal: anyio.from_thread.BlockingPortal,
         base_url: str = "http://testserver",
         raise_app_exceptions: bool = True,
+        client_ip: str = "127.0.0.1",
     ) -> None:
         self.app = app
         self._portal = portal
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+        transport = httpx.ASGITransport(
+            app=app, raise_app_exceptions=raise_app_exceptions, client=(client_ip, 50000)
+        )
         self._client = httpx.AsyncClient(transport=transport, base_url=base_url)
 
     @property
@@ -165,12 +168,19 @@ def portal() -> Iterator[anyio.from_thread.BlockingPortal]:
 def make_client(
     settings: Settings, portal: anyio.from_thread.BlockingPortal
 ) -> Iterator[Callable[..., SyncClient]]:
-    """Factory of independent clients (separate cookie jars) on the app; pass settings for a different app."""
+    """Factory of independent clients (separate cookie jars) on the app; pass settings for a different app
+    and ``client_ip`` for the address the app sees the client connect from."""
     app = create_app(settings)
     clients: list[SyncClient] = []
 
-    def factory(app_settings: Settings | None = None, base_url: str = "http://testserver") -> SyncClient:
-        client = SyncClient(create_app(app_settings) if app_settings else app, portal, base_url)
+    def factory(
+        app_settings: Settings | None = None,
+        base_url: str = "http://testserver",
+        client_ip: str = "127.0.0.1",
+    ) -> SyncClient:
+        client = SyncClient(
+            create_app(app_settings) if app_settings else app, portal, base_url, client_ip=client_ip
+        )
         clients.append(client)
         return client
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from celery import Celery
 
 from backend.config import Settings, get_settings
-from backend.queue import DEFAULT_QUEUE
+from backend.queue import ACCOUNTS_PRUNE, DEFAULT_QUEUE
 
 #: How long Redis keeps an unacknowledged message before handing it to another worker.
 #: Training runs for hours and messages are acknowledged only when a task ends, so this must
@@ -20,7 +20,7 @@ REDIS_VISIBILITY_TIMEOUT_SECONDS = 48 * 3600
 
 
 #: The modules that register tasks, one per domain (each task's name comes from ``backend.queue``).
-TASK_MODULES = ["worker.tasks.system"]
+TASK_MODULES = ["worker.tasks.system", "worker.tasks.accounts"]
 
 
 def broker_transport_options(broker_url: str) -> dict[str, object]:
@@ -61,8 +61,22 @@ def create_celery(settings: Settings) -> Celery:
         task_default_queue=DEFAULT_QUEUE,
         timezone="UTC",
         enable_utc=True,
+        # Periodic tasks, sent by Celery beat (which `tessera serve` starts because this is not empty).
+        beat_schedule=beat_schedule(settings),
     )
     return app
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
+    """The periodic tasks: each runs by its name from ``backend.queue`` every so many seconds."""
+    return {
+        ACCOUNTS_PRUNE: {
+            "task": ACCOUNTS_PRUNE,
+            "schedule": float(settings.account_prune_interval_seconds),
+            # A run that could not start within one interval is dropped: the next one does its work.
+            "options": {"expires": float(settings.account_prune_interval_seconds)},
+        }
+    }
 
 
 celery_app = create_celery(get_settings())

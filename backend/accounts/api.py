@@ -23,7 +23,7 @@ from backend.accounts.schemas import (
     UserRead,
     UserUpdate,
 )
-from backend.deps import AdminUser, CurrentUser, PrincipalDep, SessionDep, SettingsDep
+from backend.deps import AdminUser, CurrentUser, PrincipalDep, RowId, SessionDep, SessionId, SettingsDep
 from backend.errors import ErrorResponse
 
 auth_router = APIRouter(prefix="/auth", tags=["auth"])
@@ -62,7 +62,12 @@ def read_me(user: CurrentUser) -> UserRead:
 def change_my_password(
     body: PasswordChange, principal: PrincipalDep, session: SessionDep, settings: SettingsDep
 ) -> Response:
-    """Change the caller's password; every other browser session is signed out."""
+    """Change the caller's password.
+
+    Every other browser session and every password-flow access token (`tsa_`) is revoked; the
+    credential making this request and the personal tokens (`tsr_`) keep working (revoke those
+    one by one with `DELETE /api/v1/tokens/{id}`). `tessera user set-password` revokes them all.
+    """
     users.change_password(
         session,
         settings,
@@ -70,6 +75,7 @@ def change_my_password(
         current_password=body.current_password,
         new_password=body.new_password,
         keep_session_id=principal.session.id if principal.session else None,
+        keep_token_id=principal.token.id if principal.token else None,
     )
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -94,13 +100,13 @@ def create_user(body: UserCreate, _admin: AdminUser, session: SessionDep, settin
 
 # ":row_id" (backend.paths): /users/me is never taken for an id, so PATCH /users/me is a 405.
 @users_router.get("/{user_id:row_id}", response_model=UserRead, responses={404: {"model": ErrorResponse}})
-def read_user(user_id: int, _admin: AdminUser, session: SessionDep) -> UserRead:
+def read_user(user_id: RowId, _admin: AdminUser, session: SessionDep) -> UserRead:
     """One account (admins only)."""
     return UserRead.model_validate(users.get_user(session, user_id))
 
 
 @users_router.patch("/{user_id:row_id}", response_model=UserRead, responses={404: {"model": ErrorResponse}})
-def update_user(user_id: int, body: UserUpdate, admin: AdminUser, session: SessionDep) -> UserRead:
+def update_user(user_id: RowId, body: UserUpdate, admin: AdminUser, session: SessionDep) -> UserRead:
     """Deactivate or reactivate an account, or change its role (admins only).
 
     Deactivation revokes all the account's sessions and tokens immediately.
@@ -116,8 +122,11 @@ tokens_router = APIRouter(prefix="/tokens", tags=["tokens"], responses={401: {"m
 
 @tokens_router.get("", response_model=list[TokenRead])
 def list_tokens(user: CurrentUser, session: SessionDep) -> list[TokenRead]:
-    """The caller's active personal tokens (prefixes only)."""
-    return [TokenRead.model_validate(row) for row in tokens.list_personal_tokens(session, user)]
+    """The caller's tokens that still work, personal and password-flow (`kind`), prefixes only.
+
+    Either kind can be revoked with `DELETE /api/v1/tokens/{id}`.
+    """
+    return [TokenRead.model_validate(row) for row in tokens.list_live_tokens(session, user)]
 
 
 @tokens_router.post("", response_model=TokenCreated, status_code=status.HTTP_201_CREATED)
@@ -130,8 +139,8 @@ def create_token(body: TokenCreate, user: CurrentUser, session: SessionDep) -> T
 @tokens_router.delete(
     "/{token_id}", status_code=status.HTTP_204_NO_CONTENT, responses={404: {"model": ErrorResponse}}
 )
-def revoke_token(token_id: int, user: CurrentUser, session: SessionDep) -> Response:
-    """Revoke one of the caller's tokens; it stops working at once."""
+def revoke_token(token_id: RowId, user: CurrentUser, session: SessionDep) -> Response:
+    """Revoke one of the caller's tokens (personal or password-flow); it stops working at once."""
     tokens.revoke_token(session, user, token_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -160,7 +169,7 @@ def list_sessions(principal: PrincipalDep, session: SessionDep) -> list[SessionR
 @sessions_router.delete(
     "/{session_id}", status_code=status.HTTP_204_NO_CONTENT, responses={404: {"model": ErrorResponse}}
 )
-def revoke_session(session_id: str, principal: PrincipalDep, session: SessionDep) -> Response:
+def revoke_session(session_id: SessionId, principal: PrincipalDep, session: SessionDep) -> Response:
     """Sign one of the caller's sessions out; another user's session is 404."""
     sessions.revoke_user_session(session, principal.user, session_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,6 +1,7 @@
 """Authentication: password checks with throttling, and resolving who is calling.
 
-Failed attempts are counted per username in the database (so throttling holds across processes).
+Failed attempts are counted per username and per client IP in the database (so throttling holds
+across processes); see :func:`throttle_retry_after` for how the two limits combine.
 Unknown usernames and wrong passwords are indistinguishable: same message, same status, and the
 same argon2 cost.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from backend.accounts import sessions as session_service
@@ -22,6 +23,8 @@ from backend.models import USERNAME_MAX_LENGTH, ApiToken, LoginAttempt, Role, Us
 from backend.security import burn_password_check, hash_password, password_hasher
 
 INCORRECT_CREDENTIALS = "Incorrect username or password."
+#: Width of the ``ip`` column of login attempts (an IPv6 address needs at most 45 characters).
+IP_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -63,55 +66,128 @@ class Viewer:
         return cls(id=user.id, username=user.username, role=user.role, csrf_token=csrf_token)
 
 
-def throttle_retry_after(session: Session, settings: Settings, username: str, now: datetime) -> int | None:
-    """Seconds until ``username`` may try again, or None when not throttled.
+def _retry_after(failures: list[datetime], limit: int, window: timedelta, now: datetime) -> int | None:
+    """Seconds until fewer than ``limit`` of ``failures`` (newest first) are inside the window."""
+    if len(failures) < limit:
+        return None
+    unlock_at = failures[limit - 1] + window
+    return max(1, int((unlock_at - now).total_seconds()) + 1)
 
-    Counts failures inside the sliding window that came after the last success; once
-    ``login_max_failures`` are reached, the lock lifts when the oldest of the most recent
-    ``login_max_failures`` failures leaves the window.
 
-    ``func.max`` keeps the column type, so ``last_success`` comes back timezone-aware on SQLite too.
+def throttle_retry_after(
+    session: Session,
+    settings: Settings,
+    username: str,
+    now: datetime,
+    *,
+    ip: str = "",
+    exclude_id: int | None = None,
+) -> int | None:
+    """Seconds until a sign-in as ``username`` from ``ip`` may be tried again, or None when it may now.
+
+    Two limits, both over the sliding window of ``login_window_seconds`` (attempts still being
+    checked count as failures, see :func:`authenticate`; ``exclude_id`` leaves out the caller's own):
+
+    - **Per client IP**: ``login_ip_max_failures`` failures from ``ip``, against any accounts,
+      refuse every sign-in from it. One client cannot guess across many accounts.
+    - **Per account**: once ``username`` has ``login_max_failures`` failures since its last
+      success, the lock applies only to the IPs that produced failures against it. A client with
+      no recent failure against the account still gets its password checked (once: a wrong one
+      makes it a failing IP too), so failures from elsewhere never lock the owner out.
+
+    A lock lifts when the failures that caused it leave the window. ``func.max`` keeps the
+    column type, so ``last_success`` comes back timezone-aware on SQLite too.
     """
     window = timedelta(seconds=settings.login_window_seconds)
     since = now - window
+    failed = LoginAttempt.success.is_(False) & (LoginAttempt.at > since)
+    if exclude_id is not None:
+        failed &= LoginAttempt.id != exclude_id
+
+    ip_failures = list(
+        session.scalars(
+            select(LoginAttempt.at)
+            .where(failed, LoginAttempt.ip == ip)
+            .order_by(LoginAttempt.at.desc())
+            .limit(settings.login_ip_max_failures)
+        )
+    )
+    ip_retry = _retry_after(ip_failures, settings.login_ip_max_failures, window, now)
+    if ip_retry is not None:
+        return ip_retry
+
     last_success = session.scalar(
         select(func.max(LoginAttempt.at)).where(
             LoginAttempt.username == username, LoginAttempt.success.is_(True), LoginAttempt.at > since
         )
     )
-    query = select(LoginAttempt.at).where(
-        LoginAttempt.username == username, LoginAttempt.success.is_(False), LoginAttempt.at > since
-    )
+    account = failed & (LoginAttempt.username == username)
     if last_success is not None:
-        query = query.where(LoginAttempt.at > last_success)
-    failures = list(
-        session.scalars(query.order_by(LoginAttempt.at.desc()).limit(settings.login_max_failures))
+        account &= LoginAttempt.at > last_success
+    account_failures = list(
+        session.scalars(
+            select(LoginAttempt.at)
+            .where(account)
+            .order_by(LoginAttempt.at.desc())
+            .limit(settings.login_max_failures)
+        )
     )
-    if len(failures) < settings.login_max_failures:
+    account_retry = _retry_after(account_failures, settings.login_max_failures, window, now)
+    if account_retry is None:
         return None
-    unlock_at = failures[-1] + window
-    return max(1, int((unlock_at - now).total_seconds()) + 1)
+    newest_from_ip = session.scalar(select(func.max(LoginAttempt.at)).where(account, LoginAttempt.ip == ip))
+    if newest_from_ip is None:
+        return None  # the account is under attack, but not from this client
+    ip_clean_in = max(1, int((newest_from_ip + window - now).total_seconds()) + 1)
+    return min(account_retry, ip_clean_in)
 
 
-def _record_attempt(session: Session, username: str, *, success: bool, ip: str, now: datetime) -> None:
-    session.add(LoginAttempt(username=username, success=success, at=now, ip=ip[:64]))
+def _reserve_attempt(session: Session, settings: Settings, key: str, *, ip: str, now: datetime) -> int:
+    """Record the attempt as a failure before the password is checked, or raise when throttled.
 
-
-def authenticate(session: Session, settings: Settings, username: str, password: str, *, ip: str = "") -> User:
-    """Check a username and password; return the active user or raise.
-
-    Raises :class:`TooManyRequests` (with Retry-After) when the account is throttled, even for the
-    right password, and :class:`Unauthorized` with one generic message for every other failure.
-    A failed attempt is recorded in a short transaction of its own, because the request's
-    transaction is rolled back on errors and the failure must still count.
+    The row is committed at once in a transaction of its own, *then* the earlier failures are
+    counted: every concurrent attempt sees the rows committed before its count, so the k-th
+    attempt to commit sees at least k-1 others, and at most ``login_max_failures`` of a burst
+    against one account (``login_ip_max_failures`` from one IP) get as far as a password check.
+    A throttled attempt takes its row back. The request's own connection is not used here: it
+    may be the only one the pool has left.
     """
-    key = normalize_username(username)[:USERNAME_MAX_LENGTH]
-    now = utcnow()
-    retry_after = throttle_retry_after(session, settings, key, now)
+    ip = ip[:IP_MAX]
+    with Session(bind=session.get_bind()) as own:
+        with own.begin():
+            row = LoginAttempt(username=key, success=False, at=now, ip=ip)
+            own.add(row)
+            own.flush()
+            attempt_id = row.id
+        with own.begin():
+            retry_after = throttle_retry_after(own, settings, key, now, ip=ip, exclude_id=attempt_id)
+            if retry_after is not None:
+                own.execute(delete(LoginAttempt).where(LoginAttempt.id == attempt_id))
     if retry_after is not None:
         raise TooManyRequests(
             f"Too many failed sign-in attempts. Try again in {retry_after} seconds.", retry_after=retry_after
         )
+    return attempt_id
+
+
+def authenticate(session: Session, settings: Settings, username: str, password: str, *, ip: str = "") -> User:
+    """Check a username and password sent from client address ``ip``; return the active user or raise.
+
+    Raises :class:`TooManyRequests` (with Retry-After) when this client is throttled for this
+    account or altogether, even for the right password, and :class:`Unauthorized` with one
+    generic message for every other failure.
+    The attempt is recorded as a failure in a short transaction of its own before the password
+    is checked (so concurrent guesses cannot all slip under the limit, and the failure counts
+    although the request's transaction is rolled back on errors); a right password turns it
+    into a success in the request's transaction.
+    """
+    key = normalize_username(username)
+    if len(key) > USERNAME_MAX_LENGTH:
+        # No account has such a name. Never truncate it: that would sign in (or throttle) the
+        # account whose name is its first characters. It counts as a failure of "no account".
+        key = ""
+    now = utcnow()
+    attempt_id = _reserve_attempt(session, settings, key, ip=ip, now=now)
     user = get_by_username(session, key) if key else None
     if user is None:
         burn_password_check(settings, password)
@@ -122,17 +198,9 @@ def authenticate(session: Session, settings: Settings, username: str, password: 
             # Hash parameters changed since this password was set: store it at today's cost.
             user.password_hash = hash_password(settings, password)
     if user is None or not valid or not user.is_active:
-        with Session(bind=session.get_bind()) as own, own.begin():
-            _record_attempt(own, key, success=False, ip=ip, now=now)
         raise Unauthorized(INCORRECT_CREDENTIALS)
-    _record_attempt(session, key, success=True, ip=ip, now=now)
-    # Old rows carry no information any more; pruning here keeps the table small without a job.
-    session.execute(
-        delete(LoginAttempt).where(
-            LoginAttempt.username == key,
-            LoginAttempt.at < now - timedelta(seconds=settings.login_window_seconds),
-        )
-    )
+    session.execute(update(LoginAttempt).where(LoginAttempt.id == attempt_id).values(success=True))
+    # Old attempts are deleted by the periodic ``accounts.prune`` task (backend.accounts.retention).
     session.flush()
     return user
 

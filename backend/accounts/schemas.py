@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from backend.accounts.users import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH
-from backend.models import TOKEN_NAME_MAX_LENGTH, USERNAME_MAX_LENGTH, Role
+from backend.models import TOKEN_NAME_MAX_LENGTH, USERNAME_MAX_LENGTH, Role, TokenKind
 
 
 class AccessToken(BaseModel):
@@ -65,6 +65,9 @@ class TokenRead(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: int
+    kind: TokenKind = Field(
+        description="`personal` (named, `tsr_`, until revoked) or `access` (password flow, `tsa_`, expires)."
+    )
     name: str
     prefix: str
     created_at: datetime

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, joinedload
 
 from backend.config import Settings
@@ -104,8 +104,27 @@ def list_personal_tokens(session: Session, user: User) -> list[ApiToken]:
     return list(rows)
 
 
+def list_live_tokens(session: Session, user: User) -> list[ApiToken]:
+    """Every token of the user that still works, both kinds, newest first.
+
+    Password-flow access tokens are listed too, so their owner can see and revoke them before
+    they expire.
+    """
+    now = utcnow()
+    rows = session.scalars(
+        select(ApiToken)
+        .where(
+            ApiToken.user_id == user.id,
+            ApiToken.revoked_at.is_(None),
+            or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > now),
+        )
+        .order_by(ApiToken.created_at.desc(), ApiToken.id.desc())
+    )
+    return list(rows)
+
+
 def revoke_token(session: Session, user: User, token_id: int) -> ApiToken:
-    """Revoke one of the user's own tokens; anyone else's token is :class:`NotFound`."""
+    """Revoke one of the user's own tokens (either kind); anyone else's token is :class:`NotFound`."""
     row = session.get(ApiToken, token_id)
     if row is None or row.user_id != user.id or row.revoked_at is not None:
         raise NotFound("No such token.")
@@ -114,13 +133,20 @@ def revoke_token(session: Session, user: User, token_id: int) -> ApiToken:
     return row
 
 
-def revoke_all_for_user(session: Session, user: User) -> None:
-    """Revoke every token of ``user`` (on deactivation)."""
+def revoke_all_for_user(
+    session: Session, user: User, *, kind: TokenKind | None = None, except_id: int | None = None
+) -> None:
+    """Revoke every token of ``user`` (on deactivation), or those of one ``kind``; ``except_id`` stays."""
     session.flush()  # pending changes (such as is_active) must not be lost to expire_all below
-    session.execute(
+    statement = (
         update(ApiToken)
         .where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
         .values(revoked_at=utcnow())
         .execution_options(synchronize_session=False)
     )
+    if kind is not None:
+        statement = statement.where(ApiToken.kind == kind)
+    if except_id is not None:
+        statement = statement.where(ApiToken.id != except_id)
+    session.execute(statement)
     session.expire_all()

@@ -13,7 +13,7 @@ from backend.accounts import sessions as session_service
 from backend.accounts import tokens as token_service
 from backend.config import Settings
 from backend.errors import Conflict, Invalid, NotFound
-from backend.models import USERNAME_MAX_LENGTH, Role, User
+from backend.models import USERNAME_MAX_LENGTH, Role, TokenKind, User
 from backend.security import hash_password, verify_password
 
 USERNAME_PATTERN = re.compile(rf"^[a-z0-9][a-z0-9_.-]{{1,{USERNAME_MAX_LENGTH - 1}}}$")
@@ -134,9 +134,14 @@ def update_user(
 
 
 def set_password(session: Session, settings: Settings, user: User, password: str) -> None:
-    """Replace a user's password and sign them out everywhere (used by admins and the CLI)."""
+    """Replace a user's password and sign them out everywhere (used by admins and the CLI).
+
+    Everywhere means every browser session and every API token, personal ones included: this is
+    the recovery path for an account that may be in someone else's hands.
+    """
     user.password_hash = hash_password(settings, validate_password(password))
     session_service.revoke_all_for_user(session, user)
+    token_service.revoke_all_for_user(session, user)
     session.flush()
 
 
@@ -148,12 +153,21 @@ def change_password(
     current_password: str,
     new_password: str,
     keep_session_id: str | None,
+    keep_token_id: int | None = None,
 ) -> None:
-    """Change one's own password after re-checking the current one; other browsers are signed out."""
+    """Change one's own password after re-checking the current one.
+
+    Signed out: every other browser session and every password-flow access token (``tsa_``),
+    both obtained with the old password. Kept: the credential making this request
+    (``keep_session_id`` or ``keep_token_id``) and the personal tokens (``tsr_``), which are
+    named credentials for scripts that their owner lists and revokes one by one on the Settings
+    page. ``tessera user set-password`` (account recovery) revokes those too.
+    """
     if not verify_password(settings, current_password, user.password_hash):
         raise Invalid("The current password is not correct.")
     user.password_hash = hash_password(settings, validate_password(new_password))
     session_service.revoke_all_for_user(session, user, except_id=keep_session_id)
+    token_service.revoke_all_for_user(session, user, kind=TokenKind.ACCESS, except_id=keep_token_id)
     session.flush()
 
 

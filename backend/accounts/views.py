@@ -16,7 +16,15 @@ from backend import csrf
 from backend.accounts import login, sessions, tokens, users
 from backend.accounts.login import Principal
 from backend.config import Settings
-from backend.deps import AdminUser, OptionalPrincipal, PrincipalDep, SessionDep, SettingsDep
+from backend.deps import (
+    AdminUser,
+    OptionalPrincipal,
+    PrincipalDep,
+    RowId,
+    SessionDep,
+    SessionId,
+    SettingsDep,
+)
 from backend.errors import AppError, Invalid, TooManyRequests, Unauthorized
 from backend.models import Role, User
 from backend.ui.templating import flash, is_htmx, render
@@ -160,7 +168,7 @@ class _FormError(ValueError):
 def _settings_context(principal: Principal, session: Session, **extra: Any) -> dict[str, Any]:
     return {
         "active": "settings",
-        "tokens": tokens.list_personal_tokens(session, principal.user),
+        "tokens": tokens.list_live_tokens(session, principal.user),
         "sessions": sessions.list_active_sessions(session, principal.user),
         "current_session_id": principal.session.id if principal.session else None,
         "new_token": None,
@@ -194,7 +202,7 @@ def change_password(
     new_password: Annotated[str, Form()] = "",
     confirm_password: Annotated[str, Form()] = "",
 ) -> Response:
-    """Change the password; every other browser session is signed out."""
+    """Change the password; other browser sessions and password-flow tokens are signed out."""
     try:
         if new_password != confirm_password:
             raise _FormError("The new password and its confirmation do not match.")
@@ -210,7 +218,12 @@ def change_password(
         context = _settings_context(principal, session, password_error=str(exc))
         return render(request, "accounts/settings.html", context, status_code=400)
     response = RedirectResponse("/settings", status_code=303)
-    flash(response, request, "success", "Password changed. Other browsers have been signed out.")
+    flash(
+        response,
+        request,
+        "success",
+        "Password changed. Other browsers and password-flow tokens have been signed out.",
+    )
     return response
 
 
@@ -229,7 +242,7 @@ def create_token(
 
 
 @settings_router.post("/tokens/{token_id}/revoke")
-def revoke_token(request: Request, token_id: int, principal: PrincipalDep, session: SessionDep) -> Response:
+def revoke_token(request: Request, token_id: RowId, principal: PrincipalDep, session: SessionDep) -> Response:
     """Revoke one of the user's tokens."""
     tokens.revoke_token(session, principal.user, token_id)
     if is_htmx(request):
@@ -241,7 +254,7 @@ def revoke_token(request: Request, token_id: int, principal: PrincipalDep, sessi
 
 @settings_router.post("/sessions/{session_id}/revoke")
 def revoke_session(
-    request: Request, session_id: str, principal: PrincipalDep, session: SessionDep
+    request: Request, session_id: SessionId, principal: PrincipalDep, session: SessionDep
 ) -> Response:
     """Sign out one of the user's browser sessions (the current one leads back to the sign-in page)."""
     sessions.revoke_user_session(session, principal.user, session_id)
@@ -312,7 +325,7 @@ def create_user(
 
 
 @admin_router.post("/users/{user_id}/deactivate")
-def deactivate_user(request: Request, user_id: int, admin: AdminUser, session: SessionDep) -> Response:
+def deactivate_user(request: Request, user_id: RowId, admin: AdminUser, session: SessionDep) -> Response:
     """Deactivate an account: its sessions and tokens stop working at once."""
     user = users.get_user(session, user_id)
     users.deactivate_user(session, user, acting_user=admin)
@@ -324,7 +337,7 @@ def deactivate_user(request: Request, user_id: int, admin: AdminUser, session: S
 
 
 @admin_router.post("/users/{user_id}/reactivate")
-def reactivate_user(request: Request, user_id: int, admin: AdminUser, session: SessionDep) -> Response:
+def reactivate_user(request: Request, user_id: RowId, admin: AdminUser, session: SessionDep) -> Response:
     """Let a deactivated account sign in again."""
     user = users.get_user(session, user_id)
     users.reactivate_user(session, user)

@@ -4,9 +4,10 @@ from backend.models.api_token import TOKEN_NAME_MAX_LENGTH, ApiToken, TokenKind
 from backend.models.base import Base, utcnow
 from backend.models.login_attempt import LoginAttempt
 from backend.models.user import USERNAME_MAX_LENGTH, Role, User
-from backend.models.user_session import UserSession
+from backend.models.user_session import SESSION_ID_LENGTH, UserSession
 
 __all__ = [
+    "SESSION_ID_LENGTH",
     "TOKEN_NAME_MAX_LENGTH",
     "USERNAME_MAX_LENGTH",
     "ApiToken",

@@ -14,12 +14,16 @@ if TYPE_CHECKING:
     from backend.models.user import User
 
 
+#: Length of a session id: the hex SHA-256 of the cookie value.
+SESSION_ID_LENGTH = 64
+
+
 class UserSession(Base):
     """One signed-in browser. The primary key is the SHA-256 of the cookie value, never the value."""
 
     __tablename__ = "user_sessions"
 
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    id: Mapped[str] = mapped_column(String(SESSION_ID_LENGTH), primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     csrf_secret: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

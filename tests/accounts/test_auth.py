@@ -13,7 +13,8 @@ from backend.accounts.login import INCORRECT_CREDENTIALS, authenticate
 from backend.accounts.users import create_user
 from backend.db import session_scope
 from backend.errors import Unauthorized
-from backend.models import ApiToken, LoginAttempt, TokenKind, utcnow
+from backend.models import USERNAME_MAX_LENGTH, ApiToken, LoginAttempt, TokenKind, utcnow
+from tests.conftest import login_form_token
 
 
 def test_password_flow_token_reads_me(client, make_user, settings):
@@ -140,3 +141,28 @@ def test_unknown_user_costs_as_much_as_a_wrong_password(settings):
     authenticate_unknown = median_seconds("nobody-here")
     authenticate_wrong = median_seconds("timed")
     assert authenticate_unknown > 0.5 * authenticate_wrong
+
+
+def test_over_long_username_is_a_failed_login_not_a_truncated_one(client, make_user, settings):
+    user = make_user("a" * USERNAME_MAX_LENGTH)
+    too_long = user.username + "-suffix"
+    response = client.post("/api/v1/auth/token", data={"username": too_long, "password": user.password})
+    assert response.status_code == 401
+    assert response.json()["detail"] == INCORRECT_CREDENTIALS
+    token = login_form_token(client)
+    page = client.post("/login", data={"username": too_long, "password": user.password, "csrf_token": token})
+    assert page.status_code == 401
+    assert INCORRECT_CREDENTIALS in page.text
+    assert settings.session_cookie_name not in client.cookies
+
+
+def test_over_long_usernames_do_not_throttle_the_account_they_start_with(make_client, make_user, settings):
+    user = make_user("b" * USERNAME_MAX_LENGTH)
+    attacker = make_client()
+    for _ in range(settings.login_max_failures + 2):
+        attacker.post(
+            "/api/v1/auth/token", data={"username": user.username + "x", "password": "wrong-password"}
+        )
+    owner = make_client()
+    response = owner.post("/api/v1/auth/token", data={"username": user.username, "password": user.password})
+    assert response.status_code == 200, response.text

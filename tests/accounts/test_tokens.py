@@ -1,11 +1,13 @@
-"""Personal API tokens: shown once, stored hashed, usable, revocable, private to their owner."""
+"""API tokens: shown once, stored hashed, usable, listed and revocable (both kinds), private to the owner."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from datetime import timedelta
+
+from sqlalchemy import select, update
 
 from backend.db import session_scope
-from backend.models import ApiToken, TokenKind
+from backend.models import ApiToken, TokenKind, utcnow
 from backend.security import sha256_hex
 
 
@@ -31,7 +33,10 @@ def test_token_lifecycle(client, make_user, bearer, settings):
     # Shown once: lists carry the prefix, never the secret.
     listing = client.get("/api/v1/tokens", headers=auth)
     assert listing.status_code == 200
-    assert [t["name"] for t in listing.json()] == ["training scripts"]
+    assert [(t["name"], t["kind"]) for t in listing.json()] == [
+        ("training scripts", "personal"),
+        ("password flow", "access"),
+    ]
     assert "token" not in listing.json()[0]
     assert secret not in listing.text
 
@@ -43,7 +48,7 @@ def test_token_lifecycle(client, make_user, bearer, settings):
     revoked = client.delete(f"/api/v1/tokens/{body['id']}", headers=auth)
     assert revoked.status_code == 204
     assert client.get("/api/v1/users/me", headers=token_auth).status_code == 401
-    assert client.get("/api/v1/tokens", headers=auth).json() == []
+    assert [t["kind"] for t in client.get("/api/v1/tokens", headers=auth).json()] == ["access"]
 
 
 def test_another_users_token_cannot_be_revoked(client, make_user, bearer):
@@ -54,7 +59,7 @@ def test_another_users_token_cannot_be_revoked(client, make_user, bearer):
     attempt = client.delete(f"/api/v1/tokens/{token['id']}", headers=intruder_auth)
     assert attempt.status_code == 404
     assert attempt.json()["error"] == "not_found"
-    assert client.get("/api/v1/tokens", headers=intruder_auth).json() == []
+    assert [t["kind"] for t in client.get("/api/v1/tokens", headers=intruder_auth).json()] == ["access"]
     # Still valid for its owner.
     assert (
         client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {token['token']}"}).status_code
@@ -71,3 +76,37 @@ def test_blank_token_name_is_rejected_in_the_error_shape(client, make_user, bear
     assert missing.status_code == 422
     assert missing.json()["error"] == "validation_error"
     assert missing.json()["detail"][0]["loc"] == ["body", "name"]
+
+
+def test_password_flow_tokens_are_listed_and_revocable(make_client, make_user, bearer, login):
+    script, browser = make_client(), make_client()
+    user = make_user()
+    access = bearer(script, user)
+    secret = access["Authorization"].removeprefix("Bearer ")
+
+    listed = script.get("/api/v1/tokens", headers=access).json()
+    assert len(listed) == 1
+    assert listed[0]["kind"] == "access" and secret.startswith(listed[0]["prefix"])
+    assert listed[0]["expires_at"] is not None
+    login(browser, user)
+    page = browser.get("/settings").text
+    assert listed[0]["prefix"] in page and '<td class="token-kind">access</td>' in page
+
+    # The owner revokes it from another client, and it stops working at once.
+    other = bearer(browser, user)
+    assert browser.delete(f"/api/v1/tokens/{listed[0]['id']}", headers=other).status_code == 204
+    assert script.get("/api/v1/users/me", headers=access).status_code == 401
+    assert listed[0]["id"] not in [t["id"] for t in browser.get("/api/v1/tokens", headers=other).json()]
+
+
+def test_expired_access_tokens_are_not_listed(client, make_user, bearer, settings):
+    access = bearer(client, make_user())
+    personal = client.post("/api/v1/tokens", json={"name": "script"}, headers=access).json()["token"]
+    with session_scope(settings) as session:
+        session.execute(
+            update(ApiToken)
+            .where(ApiToken.kind == TokenKind.ACCESS)
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+    listed = client.get("/api/v1/tokens", headers={"Authorization": f"Bearer {personal}"}).json()
+    assert [t["kind"] for t in listed] == ["personal"]

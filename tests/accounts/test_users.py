@@ -107,3 +107,53 @@ def test_concurrent_creation_of_the_same_username_is_a_conflict(settings, monkey
         user_service.create_user(session, settings, "racer", "long-enough-pw")
     with session_scope(settings) as session:
         assert session.scalars(select(User).where(User.username == "racer")).all() != []
+
+
+def _whoami(client, token: str) -> int:
+    return client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {token}"}).status_code
+
+
+def test_password_change_revokes_access_tokens_and_keeps_personal_ones(make_client, make_user, bearer):
+    """Ordinary change: password-flow tokens and other sessions go, named personal tokens stay."""
+    api, other = make_client(), make_client()
+    user = make_user()
+    caller = bearer(api, user)
+    other_access = bearer(other, user)["Authorization"].removeprefix("Bearer ")
+    personal = api.post("/api/v1/tokens", json={"name": "script"}, headers=caller).json()["token"]
+
+    changed = api.put(
+        "/api/v1/users/me/password",
+        json={"current_password": user.password, "new_password": "a-brand-new-password"},
+        headers=caller,
+    )
+    assert changed.status_code == 204, changed.text
+    assert _whoami(other, other_access) == 401
+    assert _whoami(api, personal) == 200
+    # The access token that made the change keeps working, like the browser session that does.
+    assert api.get("/api/v1/users/me", headers=caller).status_code == 200
+
+
+def test_settings_page_password_change_revokes_access_tokens(make_client, make_user, login, bearer):
+    browser, script = make_client(), make_client()
+    user = make_user()
+    csrf = login(browser, user)
+    access = bearer(script, user)["Authorization"].removeprefix("Bearer ")
+    personal = script.post(
+        "/api/v1/tokens", json={"name": "script"}, headers={"Authorization": f"Bearer {access}"}
+    ).json()["token"]
+    page = browser.get("/settings").text
+    assert "Personal API tokens" in page and "keep working" in page
+
+    changed = browser.post(
+        "/settings/password",
+        data={
+            "csrf_token": csrf,
+            "current_password": user.password,
+            "new_password": "a-new-password",
+            "confirm_password": "a-new-password",
+        },
+    )
+    assert changed.status_code == 303
+    assert _whoami(script, access) == 401
+    assert _whoami(script, personal) == 200
+    assert browser.get("/api/v1/users/me").status_code == 200

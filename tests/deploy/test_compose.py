@@ -55,6 +55,17 @@ def test_services_and_their_images(compose: dict) -> None:
     assert "healthcheck" in services["redis"]
 
 
+def test_one_beat_sends_the_periodic_tasks_from_the_api_image(compose: dict) -> None:
+    beat = compose["services"]["beat"]
+    assert beat["build"]["target"] == "api"  # no torch needed to send tasks by name
+    assert beat["command"][:4] == ["celery", "-A", "worker.celery_app", "beat"]
+    assert "/data/celerybeat-schedule" in beat["command"]
+    assert "tessera-data:/data" in beat["volumes"]
+    assert beat["environment"] == compose["services"]["worker"]["environment"]
+    assert beat["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert "deploy" not in beat  # exactly one: two beats would send every task twice
+
+
 def test_migrations_run_once_before_api_and_workers(compose: dict) -> None:
     services = compose["services"]
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"

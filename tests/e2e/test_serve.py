@@ -1,7 +1,7 @@
 """`tessera serve` end to end: start it, log in with a real Chromium, stop it with Ctrl-C.
 
 The run is the one a newcomer does with `make run`: a fresh data folder, migrations, a generated
-admin password read from the banner, the web server and a worker as children. It ends with SIGINT
+admin password read from the banner, the web server, a worker and beat as children. It ends with SIGINT
 and checks that nothing started by `serve` is left running.
 """
 
@@ -190,8 +190,10 @@ def test_serve_login_dashboard_and_clean_ctrl_c(served: Served) -> None:
         assert time.monotonic() < deadline, f"the worker never ran system.ping:\n{served.output()}"
         time.sleep(0.2)
 
+    # A periodic task is scheduled (accounts.prune), so serve runs Celery beat too.
+    served.wait_for_line(r"beat: Starting", START_TIMEOUT_SECONDS)
     children = [pid for pid in session_members(served.process.pid) if pid != served.process.pid]
-    assert len(children) >= 2, "serve should run a web server and a worker as children"
+    assert len(children) >= 3, "serve should run a web server, a worker and beat as children"
 
     served.process.send_signal(signal.SIGINT)
     code = served.process.wait(timeout=STOP_TIMEOUT_SECONDS)

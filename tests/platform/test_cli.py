@@ -61,8 +61,10 @@ def test_user_create_rejects_a_short_password_and_non_interactive_prompt(cli_env
         assert session.scalar(select(User).where(User.username == "bob")) is None
 
 
-def test_set_password_signs_the_user_out(cli_env, client, make_user, login):
+def test_set_password_signs_the_user_out(cli_env, client, make_user, login, bearer):
     user = make_user("carol")
+    access = bearer(client, user)
+    personal = client.post("/api/v1/tokens", json={"name": "script"}, headers=access).json()["token"]
     login(client, user)
     result = CliRunner().invoke(
         app, ["user", "set-password", "carol", "--password-stdin"], input="brand-new-pass\n"
@@ -71,3 +73,7 @@ def test_set_password_signs_the_user_out(cli_env, client, make_user, login):
     assert client.get("/api/v1/users/me").status_code == 401
     with session_scope(cli_env) as session:
         assert all(s.revoked_at is not None for s in session.scalars(select(UserSession)))
+    # Everywhere includes the API: access (tsa_) and personal (tsr_) tokens stop working.
+    client.cookies.clear()
+    assert client.get("/api/v1/users/me", headers=access).status_code == 401
+    assert client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {personal}"}).status_code == 401

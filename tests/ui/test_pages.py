@@ -115,7 +115,7 @@ def test_token_is_shown_once_then_only_its_prefix(client, make_user, login, sett
 
     revoked = client.post(f"/settings/tokens/{row.id}/revoke", headers=_csrf_header(csrf))
     assert revoked.status_code == 200
-    assert "No personal tokens yet." in revoked.text
+    assert "No API tokens yet." in revoked.text
     assert client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {secret}"}).status_code == 401
 
 
