@@ -11,15 +11,12 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
+from .errors import ConfigError
 from .grid import PatchGrid
 from .models import BACKBONES
 
 PRECISIONS = ("auto", "fp32", "bf16")
 HEADS = ("reference", "linear")
-
-
-class ConfigError(ValueError):
-    """A hyperparameter has a value the engine cannot train with."""
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:

@@ -28,6 +28,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from .errors import DatasetError, ImageError
 from .grid import PatchGrid, normalize_uint8
 
 # Formats as Pillow names them after decoding. MPO is the multi-picture JPEG written by many
@@ -56,14 +57,6 @@ _KNOWN_SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"8BPS", "Photoshop PSD"),
     (b"\x7fELF", "executable"),
 )
-
-
-class ImageError(ValueError):
-    """An image that cannot be used: corrupt, truncated, too large or in a format we refuse."""
-
-
-class DatasetError(ValueError):
-    """A dataset folder or labels.csv that cannot be turned into a labelled dataset."""
 
 
 # --------------------------------------------------------------------------- safe decoding

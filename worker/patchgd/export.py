@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import BaselineConfig, PatchGDConfig, config_from_dict
+from .errors import ExportError
 from .models import build_baseline_model, build_patchgd_model
 
 WEIGHTS_FILE = "model.safetensors"
@@ -29,10 +30,6 @@ CONFIG_FILE = "config.json"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 ONNX_FILE = "model.onnx"
 FORMATS = ("safetensors", "torchscript", "onnx")
-
-
-class ExportError(RuntimeError):
-    """An export could not be written, read back, or does not match the trained model."""
 
 
 def _example_input(cfg: PatchGDConfig | BaselineConfig, batch: int = 1, seed: int = 0) -> torch.Tensor:

@@ -33,6 +33,7 @@ import torch
 
 from .config import BaselineConfig, PatchGDConfig
 from .data import StreamingPatchSource, open_region_reader
+from .errors import ConfigError
 from .grid import TensorPatchSource
 from .models import build_backbone, build_baseline_model, build_patchgd_model
 from .train import baseline_step, build_optimizer, patchgd_step
@@ -712,7 +713,7 @@ def enforce_budget(budget_gib: float, device: str = "cuda") -> float:
 
 def _check_budget(budget_gib: float) -> int:
     if not isinstance(budget_gib, int | float) or not math.isfinite(budget_gib) or budget_gib <= 0:
-        raise ValueError(f"memory budget must be a positive number of GiB, got {budget_gib!r}")
+        raise ConfigError(f"memory budget must be a positive number of GiB, got {budget_gib!r}")
     return int(budget_gib * GIB)
 
 

@@ -20,14 +20,11 @@ import torchvision.models as tvm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .errors import WeightsError
 from .grid import PatchGrid, PatchSource, as_batch
 
 if TYPE_CHECKING:
     from .config import BaselineConfig, PatchGDConfig
-
-
-class WeightsError(ValueError):
-    """A weights file cannot be used for the requested architecture."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +132,7 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"{path.name} was refused: it is not a plain weights file (it contains Python objects that "
             "would run code when loaded). Save a state_dict with torch.save or use .safetensors."
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # the safe unpickler fails in many ways on junk (even IndexError)
         raise WeightsError(f"{path.name} could not be read as a PyTorch weights file: {exc}") from exc
     # Training scripts often wrap the weights in {"state_dict": ...} or {"model": ...}.
     for key in ("state_dict", "model"):
