@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import gc
 import importlib
 import json
 import math
-import mmap
 import multiprocessing as mp
 import os
 import resource
@@ -343,27 +341,6 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
-
-
-def allocate_and_touch(num_bytes: int, hold_s: float = 0.05) -> int:
-    """Map `num_bytes` of fresh anonymous memory, write every page, hold it briefly: a workload of
-    known size for checking the measurement itself (and for tests).
-
-    An anonymous mapping, unlike a malloc'ed buffer, can never be served from memory the process
-    already holds, so exactly `num_bytes` of new resident memory appear. A mapping the kernel
-    refuses is reported as ``MemoryError``, like any failed allocation.
-    """
-    try:
-        block = mmap.mmap(-1, num_bytes)
-    except OSError as exc:
-        if exc.errno == errno.ENOMEM:
-            raise MemoryError(f"cannot map {num_bytes:,} bytes") from exc
-        raise
-    with block:
-        for offset in range(0, num_bytes, mmap.PAGESIZE):
-            block[offset] = 1
-        time.sleep(hold_s)
-        return len(block)
 
 
 # --------------------------------------------------------------------------- activation calibration
