@@ -263,30 +263,84 @@ def _read_labels_csv(root: Path) -> tuple[list[tuple[Path, str, str | None]], bo
     return rows, has_split
 
 
-def _read_class_folders(root: Path) -> list[tuple[Path, str, None]]:
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _read_classes_in(root: Path, base: Path, split: str | None) -> list[tuple[Path, str, str | None]]:
+    """Images of every class sub-folder of `base` (`root` itself or one of its split folders)."""
+    folders = _subfolders(base)
+    where = f"{base.name}/" if split else "the dataset folder"
+    if split and not folders:
+        loose = [p.name for p in base.iterdir() if _is_image_file(p)]
+        detail = f" (it holds images directly: {', '.join(sorted(loose)[:3])})" if loose else ""
         raise DatasetError(
-            "no labels.csv and no class sub-folders: put images in one folder per class "
-            "or provide labels.csv with columns image,label[,split]"
+            f"split folder {where} has no class sub-folders{detail}: put one folder per class in it"
         )
-    rows: list[tuple[Path, str, None]] = []
+    rows: list[tuple[Path, str, str | None]] = []
     empty = []
     inside = root.resolve()
     for folder in folders:
         files = sorted(p for p in folder.rglob("*") if _is_image_file(p))
         if not files:
-            empty.append(folder.name)
+            empty.append(f"{base.name}/{folder.name}" if split else folder.name)
         # A symlinked file or folder could expose anything on the host as "training data".
         escaping = [p for p in files if not p.resolve().is_relative_to(inside)]
         if escaping:
             raise DatasetError(
                 f"{escaping[0].relative_to(root)} resolves outside the dataset folder (refused)"
             )
-        rows.extend((p, folder.name, None) for p in files)
+        rows.extend((p, folder.name, split) for p in files)
     if empty:
         raise DatasetError(f"class folder(s) without images: {', '.join(empty)}")
     return rows
+
+
+def _read_class_folders(root: Path) -> tuple[list[tuple[Path, str, str | None]], bool]:
+    """Class folders, or split folders (train/, val/, test/) of class folders: (rows, has_split).
+
+    A layout that mixes split folders with other folders, or whose splits disagree on the classes,
+    is refused rather than guessed: read naively it would become classes named "train" and "val".
+    """
+    folders = _subfolders(root)
+    if not folders:
+        raise DatasetError(
+            "no labels.csv and no class sub-folders: put images in one folder per class "
+            "or provide labels.csv with columns image,label[,split]"
+        )
+    split_folders = {p.name.lower(): p for p in folders if p.name.lower() in SPLITS}
+    if not split_folders:
+        return _read_classes_in(root, root, None), False
+    others = [p.name for p in folders if p.name.lower() not in SPLITS]
+    if others:
+        raise DatasetError(
+            f"the dataset folder mixes split folders ({', '.join(p.name for p in split_folders.values())}) "
+            f"with other folders ({', '.join(others)}): either put every class folder inside "
+            "train/ (and val/, test/), or use class folders only"
+        )
+    if len(split_folders) != len([p for p in folders if p.name.lower() in SPLITS]):
+        raise DatasetError("split folders differ only in letter case: keep one train/, val/ and test/")
+    if "train" not in split_folders:
+        raise DatasetError(
+            f"split folder(s) {', '.join(p.name + '/' for p in split_folders.values())} but no "
+            "train/ folder: the training images go in train/<class>/"
+        )
+    rows: list[tuple[Path, str, str | None]] = []
+    classes: dict[str, set[str]] = {}
+    for split in SPLITS:
+        if split in split_folders:
+            split_rows = _read_classes_in(root, split_folders[split], split)
+            classes[split] = {label for _, label, _ in split_rows}
+            rows.extend(split_rows)
+    for split, names in classes.items():
+        if names != classes["train"]:
+            extra, lacking = sorted(names - classes["train"]), sorted(classes["train"] - names)
+            parts = [f"class(es) not in train/: {', '.join(extra)}"] if extra else []
+            parts += [f"no folder for class(es) {', '.join(lacking)}"] if lacking else []
+            raise DatasetError(
+                f"{split_folders[split].name}/ has other classes than train/: {'; '.join(parts)}"
+            )
+    return rows, True
 
 
 def _stratified_splits(
@@ -323,8 +377,11 @@ def scan_dataset(
 ) -> DatasetIndex:
     """Index a dataset folder: `labels.csv` (image,label[,split]) if present, else class sub-folders.
 
-    Class names are sorted and mapped to label indices. Without a split column, a stratified split
-    is drawn from `seed` (same seed, same split). Raises `DatasetError` with a readable message.
+    Class folders may sit inside split folders, ``train/<class>/`` with ``val/<class>/`` and/or
+    ``test/<class>/``: those folders then are the split. Class names are sorted and mapped to label
+    indices. Without a split column or split folders, a stratified split is drawn from `seed` (same
+    seed, same split). Ambiguous layouts (split folders next to class folders, splits with other
+    classes than train/) are refused. Raises `DatasetError` with a readable message.
     """
     root_path = Path(root)
     if not root_path.is_dir():
@@ -337,7 +394,7 @@ def scan_dataset(
         rows, has_split = _read_labels_csv(root_path)
         source = "labels.csv"
     else:
-        rows, has_split = _read_class_folders(root_path), False
+        rows, has_split = _read_class_folders(root_path)
         source = "folders"
     classes = tuple(sorted({label for _, label, _ in rows}))
     if len(classes) < 2:
