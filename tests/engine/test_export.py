@@ -61,7 +61,7 @@ def _spread_outputs(classifier: torch.nn.Linear, forward) -> None:
 
     The penultimate features of the probe images are projected on the direction in which the
     first image differs from their mean; class 0 gets +projection, class 1 -projection (scaled so
-    the probes span 4 logit units), the others 0. Fails clearly if every probe has the same features.
+    the probes span 4 logit units), the others 0. Fails clearly if the probes' features barely differ.
     """
     captured: list[torch.Tensor] = []
     hook = classifier.register_forward_hook(lambda module, args, output: captured.append(args[0].detach()))
@@ -74,7 +74,11 @@ def _spread_outputs(classifier: torch.nn.Linear, forward) -> None:
     assert direction.norm() > 0, "the model maps every probe image to the same features"
     direction = direction / direction.norm()
     projections = (features - mean) @ direction
-    scale = 4.0 / (projections.max() - projections.min()).item()
+    spread = (projections.max() - projections.min()).item()
+    # Different images give features that differ by a sizeable fraction of their norm (15 against
+    # about 100 here); a much smaller spread would make the rescaled logits amplify rounding noise.
+    assert spread > 1e-3 * features.norm(dim=1).max().item(), "the probe images' features barely differ"
+    scale = 4.0 / spread
     weight = torch.zeros_like(classifier.weight, dtype=torch.float64)
     weight[0], weight[1] = direction * scale, -direction * scale
     with torch.no_grad():
