@@ -36,7 +36,6 @@ def test_every_exported_name_resolves_to_its_definition() -> None:
 def test_train_is_the_function_even_after_its_module_was_imported() -> None:
     import worker.patchgd.memory  # noqa: F401  (imports the train module)
     import worker.patchgd.train  # noqa: F401
-
     from worker.patchgd import train
     from worker.patchgd.train import train as train_function
 
@@ -48,7 +47,7 @@ def test_package_and_config_import_without_torch() -> None:
     code = (
         "import sys\n"
         "import worker.patchgd as engine\n"
-        "from worker.patchgd import ConfigError, EngineError, PatchGDConfig, config_from_dict, list_backbones\n"
+        "from worker.patchgd import ConfigError, EngineError, PatchGDConfig, list_backbones\n"
         "assert PatchGDConfig(num_classes=2).k == 2 and 'resnet18' in list_backbones()\n"
         "assert not {'torch', 'numpy', 'PIL'} & set(sys.modules), 'eager'\n"
         "engine.load_model\n"
