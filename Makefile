@@ -34,6 +34,7 @@ bench: $(STAMP)  ## the CPU benchmarks of docs/benchmarks.md: JSON + PNG in benc
 	    bench/results/memory_cpu_resnet50_baseline3072.json
 	$(BIN)/python -m bench.planner
 	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.runtime
 	$(BIN)/python -m bench.report bench/results/*_cpu*.json
 
 lint: $(STAMP)

@@ -25,7 +25,6 @@ import torch
 
 from bench.common import RESULTS, gib, machine, print_table, write_json
 from worker.patchgd.config import BaselineConfig, PatchGDConfig
-from worker.patchgd.data import write_pyramidal_tiff
 from worker.patchgd.memory import (
     GIB,
     baseline_trial,
@@ -35,6 +34,7 @@ from worker.patchgd.memory import (
     measure_peak,
     patchgd_trial,
 )
+from worker.patchgd.testing import write_pyramidal_tiff
 
 
 def _parse_sizes(text: str) -> list[int]:

@@ -65,7 +65,20 @@ def planner_table(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"memory": memory_table, "throughput": throughput_table, "planner": planner_table}
+def runtime_table(payload: dict[str, Any]) -> str:
+    """Whole-process resident memory after each stage of starting a worker."""
+    lines = ["| stage | process RSS GiB (median) | range GiB |", "|---|---|---|"]
+    for r in payload["rows"]:
+        lines.append(f"| {r['stage']} | {r['rss_gib']} | {r['min_gib']} to {r['max_gib']} |")
+    return "\n".join(lines)
+
+
+TABLES = {
+    "memory": memory_table,
+    "throughput": throughput_table,
+    "planner": planner_table,
+    "runtime": runtime_table,
+}
 
 
 def main() -> None:

@@ -63,3 +63,32 @@ def test_import_contracts_hold_and_make_test_checks_them() -> None:
     assert "0 broken" in result.stdout
     test_target = (ROOT / "Makefile").read_text().split("\ntest:", 1)[1].split("\n\n", 1)[0]
     assert "lint-imports" in test_target
+
+
+def test_web_process_validates_task_config_with_the_engine_rules_without_torch(tmp_path: Path) -> None:
+    """The engine's config module (its rules, backbone list and errors) loads without torch."""
+    modules = _modules_after(
+        "import backend.main\n"
+        "from worker.patchgd.config import ConfigError, config_from_dict, list_backbones\n"
+        "from worker.patchgd.errors import EngineError\n"
+        "cfg = config_from_dict('patchgd', {'num_classes': 3, 'backbone': 'resnet18', 'image_size': 256,\n"
+        "                                   'patch_size': 64, 'patches_per_step': 4})\n"
+        "assert (cfg.n, cfg.num_patches, cfg.k, cfg.num_inner_iterations) == (4, 16, 4, 4), cfg\n"
+        "assert 'resnet50' in list_backbones()\n"
+        "for bad, message in [\n"
+        "    ({'num_classes': 3, 'image_size': 250, 'patch_size': 64},\n"
+        "     'image_size 250 is not a multiple of patch_size 64'),\n"
+        "    ({'num_classes': 3, 'backbone': 'vgg99'}, \"unknown backbone 'vgg99'; choose one of\"),\n"
+        "    ({'num_classes': 3, 'image_size': 256, 'patch_size': 64, 'patches_per_step': 17},\n"
+        "     'patches_per_step 17 is more than the 16 patches of a 4x4 grid'),\n"
+        "]:\n"
+        "    try:\n"
+        "        config_from_dict('patchgd', bad)\n"
+        "    except ConfigError as exc:\n"
+        "        assert isinstance(exc, EngineError) and message in str(exc), exc\n"
+        "    else:\n"
+        "        raise AssertionError(f'{bad} was accepted')\n",
+        tmp_path,
+    )
+    assert "fastapi" in modules and "worker" in modules  # both really were imported
+    assert not modules & {"torch", "torchvision", "numpy", "PIL", "tifffile", "sklearn"}

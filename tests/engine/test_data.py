@@ -177,6 +177,59 @@ def test_single_class_and_empty_folder_are_errors(tmp_path: Path) -> None:
         scan_dataset(tmp_path)
 
 
+def test_split_folders_are_the_split(tmp_path: Path) -> None:
+    _class_tree(tmp_path / "train", {"normal": 4, "tumor": 3})
+    _class_tree(tmp_path / "val", {"normal": 1, "tumor": 2})
+    _class_tree(tmp_path / "test", {"normal": 2, "tumor": 1})
+    index = scan_dataset(tmp_path, val_fraction=0.5, test_fraction=0.3, seed=1)  # fractions unused
+    assert index.source == "folders" and index.classes == ("normal", "tumor")
+    assert index.counts() == {
+        "train": {"normal": 4, "tumor": 3},
+        "val": {"normal": 1, "tumor": 2},
+        "test": {"normal": 2, "tumor": 1},
+    }
+    for sample in index.samples:
+        assert sample.path.parent.parent.name == sample.split
+        assert index.classes[sample.label] == sample.path.parent.name
+
+
+def test_train_and_val_folders_alone_are_split_folders(tmp_path: Path) -> None:
+    _class_tree(tmp_path / "train", {"a": 2, "b": 2})
+    _class_tree(tmp_path / "val", {"a": 1, "b": 1})
+    index = scan_dataset(tmp_path)
+    assert index.classes == ("a", "b")  # not classes named "train" and "val"
+    assert index.counts()["val"] == {"a": 1, "b": 1} and index.counts()["test"] == {"a": 0, "b": 0}
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ({"train/a": 2, "train/b": 2, "c": 2}, r"mixes split folders \(train\) with other folders \(c\)"),
+        ({"val/a": 2, "val/b": 2}, "but no train/ folder"),
+        (
+            {"train/a": 2, "train/b": 2, "val/a": 1, "val/c": 1},
+            r"val/ has other classes than train/: class\(es\) not in",
+        ),
+        (
+            {"train/a": 2, "train/b": 2, "test/a": 1},
+            r"test/ has other classes than train/: no folder for class\(es\) b",
+        ),
+        (
+            {"train/a": 2, "train/b": 2, "val": 2},
+            "split folder val/ has no class sub-folders .*holds images directly",
+        ),
+        ({"train/a": 2, "train/b": 0}, "without images: train/b"),
+    ],
+)
+def test_ambiguous_split_layouts_are_refused(tmp_path: Path, layout: dict[str, int], message: str) -> None:
+    for offset, (folder, count) in enumerate(layout.items()):
+        (tmp_path / folder).mkdir(parents=True)
+        for i in range(count):
+            _noise(24, seed=offset * 100 + i).save(tmp_path / folder / f"{i:03d}.png")
+    with pytest.raises(DatasetError, match=message):
+        scan_dataset(tmp_path)
+
+
 def _flat_images(root: Path, names: list[str]) -> None:
     for i, name in enumerate(names):
         (root / name).parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ from worker.patchgd.memory import (
     GIB,
     Calibration,
     RssSampler,
-    allocate_and_touch,
     calibrate_backbone,
     estimate_baseline_bytes,
     estimate_patchgd_bytes,
@@ -21,12 +20,14 @@ from worker.patchgd.memory import (
     plan_baseline,
     plan_patchgd,
 )
+from worker.patchgd.testing import allocate_and_touch
 
 MIB = 1 << 20
 
 
 def test_known_allocation_is_measured_in_a_child() -> None:
-    result = measure_peak(allocate_and_touch, 200 * MIB)
+    # By name, as the child process imports it.
+    result = measure_peak("worker.patchgd.testing:allocate_and_touch", 200 * MIB)
     assert result.fits and result.status == "ok" and result.result == 200 * MIB
     assert 195 * MIB <= result.peak_bytes <= 230 * MIB, result.peak_bytes / MIB
     assert result.baseline_bytes > 50 * MIB  # the child's interpreter + torch, not counted in the peak

@@ -15,11 +15,10 @@ from worker.patchgd.data import (
     StreamingPatchSource,
     best_level_for,
     open_region_reader,
-    synthetic_region,
-    write_pyramidal_tiff,
 )
 from worker.patchgd.grid import PatchGrid, normalize_uint8
 from worker.patchgd.memory import RssSampler
+from worker.patchgd.testing import synthetic_region, write_pyramidal_tiff
 
 FULL_16K_RGB = 16384 * 16384 * 3  # 768 MiB: what materialising the whole slide would cost
 

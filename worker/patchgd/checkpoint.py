@@ -17,11 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import CheckpointError
+
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not belong to this run."""
 
 
 def capture_rng_state() -> dict[str, Any]:

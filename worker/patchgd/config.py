@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from .grid import PatchGrid
-from .models import BACKBONES
+from .catalog import BACKBONE_CATALOG, list_backbones
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .grid import PatchGrid
 
 PRECISIONS = ("auto", "fp32", "bf16")
 HEADS = ("reference", "linear")
-
-
-class ConfigError(ValueError):
-    """A hyperparameter has a value the engine cannot train with."""
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -40,8 +39,8 @@ def _check_float(name: str, value: Any, minimum: float = 0.0, *, exclusive: bool
 def _check_common(cfg: Any) -> None:
     """Checks shared by both algorithms."""
     _check_int("num_classes", cfg.num_classes, 2)
-    if not isinstance(cfg.backbone, str) or cfg.backbone not in BACKBONES:
-        raise ConfigError(f"unknown backbone {cfg.backbone!r}; choose one of {', '.join(sorted(BACKBONES))}")
+    if not isinstance(cfg.backbone, str) or cfg.backbone not in BACKBONE_CATALOG:
+        raise ConfigError(f"unknown backbone {cfg.backbone!r}; choose one of {', '.join(list_backbones())}")
     _check_int("image_size", cfg.image_size, 8)
     _check_int("epochs", cfg.epochs, 1)
     _check_int("batch_size", cfg.batch_size, 1)
@@ -152,13 +151,13 @@ class PatchGDConfig(_ConfigMixin):
             or not 0 < self.sampling <= 1
         ):
             raise ConfigError(f"sampling must be in (0, 1], got {self.sampling!r}")
-        num_patches = self.grid.num_patches
+        num_patches = self.num_patches
         if self.patches_per_step is not None:
             _check_int("patches_per_step", self.patches_per_step, 1)
             if self.patches_per_step > num_patches:
                 raise ConfigError(
                     f"patches_per_step {self.patches_per_step} is more than the {num_patches} patches "
-                    f"of a {self.grid.n}x{self.grid.n} grid"
+                    f"of a {self.n}x{self.n} grid"
                 )
         if self.inner_iterations is not None:
             _check_int("inner_iterations", self.inner_iterations, 1)
@@ -182,8 +181,20 @@ class PatchGDConfig(_ConfigMixin):
             raise ConfigError("per_image_positions must be true or false")
 
     @property
+    def n(self) -> int:
+        """Patches per side of the grid (pure arithmetic: validation never needs torch)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Patches in the whole grid, n * n."""
+        return self.n * self.n
+
+    @property
     def grid(self) -> PatchGrid:
-        """The patch grid these sizes define."""
+        """The patch grid these sizes define (the torch-side object that cuts and places patches)."""
+        from .grid import PatchGrid  # imported here so that validating a config never loads torch
+
         return PatchGrid(self.image_size, self.patch_size)
 
     @property
@@ -193,14 +204,14 @@ class PatchGDConfig(_ConfigMixin):
             return self.patches_per_step
         sampling = 0.125 if self.sampling is None else self.sampling
         # The small epsilon keeps e.g. 0.1 * 100 from rounding up to 11 through float error.
-        return max(1, math.ceil(self.grid.num_patches * sampling - 1e-9))
+        return max(1, math.ceil(self.num_patches * sampling - 1e-9))
 
     @property
     def num_inner_iterations(self) -> int:
         """Inner iterations per outer step (default: one full sweep of the grid)."""
         if self.inner_iterations is not None:
             return self.inner_iterations
-        return math.ceil(self.grid.num_patches / self.k)
+        return math.ceil(self.num_patches / self.k)
 
     @property
     def num_accumulation_steps(self) -> int:
@@ -212,7 +223,7 @@ class PatchGDConfig(_ConfigMixin):
     @property
     def is_exact(self) -> bool:
         """True when one outer step is exactly one full-image gradient step."""
-        sweep = math.ceil(self.grid.num_patches / self.k)
+        sweep = math.ceil(self.num_patches / self.k)
         return self.num_inner_iterations == sweep and self.num_accumulation_steps == sweep
 
 

@@ -18,7 +18,7 @@ import threading
 import warnings
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -28,6 +28,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from .errors import DatasetError, ImageError
 from .grid import PatchGrid, normalize_uint8
 
 # Formats as Pillow names them after decoding. MPO is the multi-picture JPEG written by many
@@ -56,14 +57,6 @@ _KNOWN_SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"8BPS", "Photoshop PSD"),
     (b"\x7fELF", "executable"),
 )
-
-
-class ImageError(ValueError):
-    """An image that cannot be used: corrupt, truncated, too large or in a format we refuse."""
-
-
-class DatasetError(ValueError):
-    """A dataset folder or labels.csv that cannot be turned into a labelled dataset."""
 
 
 # --------------------------------------------------------------------------- safe decoding
@@ -270,30 +263,84 @@ def _read_labels_csv(root: Path) -> tuple[list[tuple[Path, str, str | None]], bo
     return rows, has_split
 
 
-def _read_class_folders(root: Path) -> list[tuple[Path, str, None]]:
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _read_classes_in(root: Path, base: Path, split: str | None) -> list[tuple[Path, str, str | None]]:
+    """Images of every class sub-folder of `base` (`root` itself or one of its split folders)."""
+    folders = _subfolders(base)
+    where = f"{base.name}/" if split else "the dataset folder"
+    if split and not folders:
+        loose = [p.name for p in base.iterdir() if _is_image_file(p)]
+        detail = f" (it holds images directly: {', '.join(sorted(loose)[:3])})" if loose else ""
         raise DatasetError(
-            "no labels.csv and no class sub-folders: put images in one folder per class "
-            "or provide labels.csv with columns image,label[,split]"
+            f"split folder {where} has no class sub-folders{detail}: put one folder per class in it"
         )
-    rows: list[tuple[Path, str, None]] = []
+    rows: list[tuple[Path, str, str | None]] = []
     empty = []
     inside = root.resolve()
     for folder in folders:
         files = sorted(p for p in folder.rglob("*") if _is_image_file(p))
         if not files:
-            empty.append(folder.name)
+            empty.append(f"{base.name}/{folder.name}" if split else folder.name)
         # A symlinked file or folder could expose anything on the host as "training data".
         escaping = [p for p in files if not p.resolve().is_relative_to(inside)]
         if escaping:
             raise DatasetError(
                 f"{escaping[0].relative_to(root)} resolves outside the dataset folder (refused)"
             )
-        rows.extend((p, folder.name, None) for p in files)
+        rows.extend((p, folder.name, split) for p in files)
     if empty:
         raise DatasetError(f"class folder(s) without images: {', '.join(empty)}")
     return rows
+
+
+def _read_class_folders(root: Path) -> tuple[list[tuple[Path, str, str | None]], bool]:
+    """Class folders, or split folders (train/, val/, test/) of class folders: (rows, has_split).
+
+    A layout that mixes split folders with other folders, or whose splits disagree on the classes,
+    is refused rather than guessed: read naively it would become classes named "train" and "val".
+    """
+    folders = _subfolders(root)
+    if not folders:
+        raise DatasetError(
+            "no labels.csv and no class sub-folders: put images in one folder per class "
+            "or provide labels.csv with columns image,label[,split]"
+        )
+    split_folders = {p.name.lower(): p for p in folders if p.name.lower() in SPLITS}
+    if not split_folders:
+        return _read_classes_in(root, root, None), False
+    others = [p.name for p in folders if p.name.lower() not in SPLITS]
+    if others:
+        raise DatasetError(
+            f"the dataset folder mixes split folders ({', '.join(p.name for p in split_folders.values())}) "
+            f"with other folders ({', '.join(others)}): either put every class folder inside "
+            "train/ (and val/, test/), or use class folders only"
+        )
+    if len(split_folders) != len([p for p in folders if p.name.lower() in SPLITS]):
+        raise DatasetError("split folders differ only in letter case: keep one train/, val/ and test/")
+    if "train" not in split_folders:
+        raise DatasetError(
+            f"split folder(s) {', '.join(p.name + '/' for p in split_folders.values())} but no "
+            "train/ folder: the training images go in train/<class>/"
+        )
+    rows: list[tuple[Path, str, str | None]] = []
+    classes: dict[str, set[str]] = {}
+    for split in SPLITS:
+        if split in split_folders:
+            split_rows = _read_classes_in(root, split_folders[split], split)
+            classes[split] = {label for _, label, _ in split_rows}
+            rows.extend(split_rows)
+    for split, names in classes.items():
+        if names != classes["train"]:
+            extra, lacking = sorted(names - classes["train"]), sorted(classes["train"] - names)
+            parts = [f"class(es) not in train/: {', '.join(extra)}"] if extra else []
+            parts += [f"no folder for class(es) {', '.join(lacking)}"] if lacking else []
+            raise DatasetError(
+                f"{split_folders[split].name}/ has other classes than train/: {'; '.join(parts)}"
+            )
+    return rows, True
 
 
 def _stratified_splits(
@@ -330,8 +377,11 @@ def scan_dataset(
 ) -> DatasetIndex:
     """Index a dataset folder: `labels.csv` (image,label[,split]) if present, else class sub-folders.
 
-    Class names are sorted and mapped to label indices. Without a split column, a stratified split
-    is drawn from `seed` (same seed, same split). Raises `DatasetError` with a readable message.
+    Class folders may sit inside split folders, ``train/<class>/`` with ``val/<class>/`` and/or
+    ``test/<class>/``: those folders then are the split. Class names are sorted and mapped to label
+    indices. Without a split column or split folders, a stratified split is drawn from `seed` (same
+    seed, same split). Ambiguous layouts (split folders next to class folders, splits with other
+    classes than train/) are refused. Raises `DatasetError` with a readable message.
     """
     root_path = Path(root)
     if not root_path.is_dir():
@@ -344,7 +394,7 @@ def scan_dataset(
         rows, has_split = _read_labels_csv(root_path)
         source = "labels.csv"
     else:
-        rows, has_split = _read_class_folders(root_path), False
+        rows, has_split = _read_class_folders(root_path)
         source = "folders"
     classes = tuple(sorted({label for _, label, _ in rows}))
     if len(classes) < 2:
@@ -770,85 +820,3 @@ class StreamingPatchSource:
             raise ValueError("a streaming source holds one image; indices must be [k] or [1, k]")
         stacked = np.stack([self.patch_uint8(int(i)) for i in flat.tolist()])
         return normalize_uint8(stacked).unsqueeze(0)
-
-
-# --------------------------------------------------------------------------- synthetic slides
-
-
-SYNTHETIC_BLOCK = 64
-
-
-def synthetic_region(downsample: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-    """Pixels of the synthetic test slide at a level `downsample` times smaller than level 0.
-
-    Level 0 is made of constant 64x64 blocks whose colour depends on the block position, so any
-    power-of-two reduction up to 64 is again exact constant blocks: every level (and the BOX
-    resize of any block-aligned region) can be computed without the level above it.
-    """
-    if SYNTHETIC_BLOCK % downsample:
-        raise ValueError(f"downsample must divide {SYNTHETIC_BLOCK}")
-    block = SYNTHETIC_BLOCK // downsample
-    bx = np.arange(x // block, (x + w - 1) // block + 1)[None, :]
-    by = np.arange(y // block, (y + h - 1) // block + 1)[:, None]
-    colours = np.empty((by.shape[0], bx.shape[1], 3), np.uint8)
-    colours[:, :, 0] = (bx * 53 + by * 7) % 256
-    colours[:, :, 1] = (by * 97 + bx * 3) % 256
-    colours[:, :, 2] = ((bx ^ by) * 29) % 256
-    # Expand the per-block colours to pixels with two gathers (cheap next to per-pixel arithmetic).
-    cols = np.arange(x, x + w) // block - x // block
-    rows = np.arange(y, y + h) // block - y // block
-    return colours.take(cols, axis=1).take(rows, axis=0)
-
-
-def write_pyramidal_tiff(
-    path: str | os.PathLike[str],
-    size: int | tuple[int, int],
-    *,
-    tile: int = 256,
-    levels: int | None = None,
-    tile_fn: Callable[[int, int, int, int, int], np.ndarray] = synthetic_region,
-    compression: str | None = "zlib",
-) -> Path:
-    """Write a tiled pyramidal RGB TIFF tile by tile, so memory stays flat at any size.
-
-    Level L is 2**L times smaller than level 0 and is stored as a reduced-resolution page
-    (SubfileType 1), which both tifffile and OpenSlide's generic TIFF reader understand.
-    `tile_fn(downsample, x, y, w, h)` produces each tile (default: `synthetic_region`). Without
-    `levels`, halves the image while it stays >= one tile (at most 7 levels).
-    """
-    width, height = (size, size) if isinstance(size, int) else size
-    if tile % 16:
-        raise ValueError("tile must be a multiple of 16 (TIFF requirement)")
-    if levels is None:
-        levels = 1
-        while levels < 7 and min(width, height) >> levels >= tile:
-            levels += 1
-    target = Path(path)
-
-    def tiles(downsample: int, lw: int, lh: int) -> Iterator[np.ndarray]:
-        for ty in range(0, lh, tile):
-            for tx in range(0, lw, tile):
-                tw, th = min(tile, lw - tx), min(tile, lh - ty)
-                block = tile_fn(downsample, tx, ty, tw, th)
-                if (tw, th) != (tile, tile):
-                    padded = np.zeros((tile, tile, 3), np.uint8)
-                    padded[:th, :tw] = block
-                    block = padded
-                yield block
-
-    extra = {"compressionargs": {"level": 1}} if compression == "zlib" else {}
-    with tifffile.TiffWriter(target, bigtiff=width * height * 3 > (1 << 31)) as writer:
-        for level in range(levels):
-            downsample = 1 << level
-            lw, lh = max(1, width // downsample), max(1, height // downsample)
-            writer.write(
-                tiles(downsample, lw, lh),
-                shape=(lh, lw, 3),
-                dtype=np.uint8,
-                tile=(tile, tile),
-                photometric="rgb",
-                compression=compression,
-                subfiletype=1 if level else 0,
-                **extra,
-            )
-    return target

@@ -21,18 +21,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .checkpoint import load_checkpoint
 from .config import BaselineConfig, PatchGDConfig, config_from_dict
+from .errors import CheckpointError, ExportError
 from .models import build_baseline_model, build_patchgd_model
+from .train import CHECKPOINT_NAME
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 ONNX_FILE = "model.onnx"
 FORMATS = ("safetensors", "torchscript", "onnx")
-
-
-class ExportError(RuntimeError):
-    """An export could not be written, read back, or does not match the trained model."""
 
 
 def _example_input(cfg: PatchGDConfig | BaselineConfig, batch: int = 1, seed: int = 0) -> torch.Tensor:
@@ -70,16 +69,53 @@ def load_exported(out_dir: str | Path) -> tuple[nn.Module, PatchGDConfig | Basel
         cfg = config_from_dict(meta["algorithm"], meta["config"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ExportError(f"{CONFIG_FILE} in {out.name} is missing or invalid: {exc}") from exc
-    model: nn.Module
-    if isinstance(cfg, PatchGDConfig):
-        model = build_patchgd_model(cfg, load_pretrained=False)
-    else:
-        model = build_baseline_model(cfg, load_pretrained=False)
+    model = _build(cfg)
     try:
         model.load_state_dict(load_file(str(out / WEIGHTS_FILE)))
     except (OSError, RuntimeError) as exc:
         raise ExportError(f"{WEIGHTS_FILE} in {out.name} does not match its config: {exc}") from exc
     return model.eval(), cfg
+
+
+def _build(cfg: PatchGDConfig | BaselineConfig) -> nn.Module:
+    if isinstance(cfg, PatchGDConfig):
+        return build_patchgd_model(cfg, load_pretrained=False)
+    return build_baseline_model(cfg, load_pretrained=False)
+
+
+def load_model(
+    path: str | Path, *, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, PatchGDConfig | BaselineConfig]:
+    """Rebuild a trained model, PatchGD or baseline, from whatever a run left behind.
+
+    ``path`` is a training checkpoint file (``last.pt``), a checkpoint folder holding ``last.pt``,
+    or an export folder (``config.json`` + ``model.safetensors``, from ``export_all``). Returns
+    ``(model, config)``: the model in eval mode on ``device``, ready for ``predict``, and the
+    config it was trained with. Nothing in the files runs code (safetensors or the weights-only
+    unpickler). A path that is none of these raises ``CheckpointError`` or ``ExportError``.
+    """
+    source = Path(path)
+    if source.is_dir():
+        if (source / CONFIG_FILE).is_file():
+            model, cfg = load_exported(source)
+            return model.to(device).eval(), cfg
+        if not (source / CHECKPOINT_NAME).is_file():
+            raise ExportError(
+                f"{source.name} is neither an export folder ({CONFIG_FILE} + {WEIGHTS_FILE}) "
+                f"nor a checkpoint folder ({CHECKPOINT_NAME})"
+            )
+        source = source / CHECKPOINT_NAME
+    state = load_checkpoint(source)
+    try:
+        cfg = config_from_dict(state["algorithm"], state["config"])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {source.name} has no usable config: {exc}") from exc
+    model = _build(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {source.name}: weights do not match its config: {exc}") from exc
+    return model.to(device).eval(), cfg
 
 
 @contextlib.contextmanager

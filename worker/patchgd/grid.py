@@ -16,6 +16,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from .errors import ImageError
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -98,7 +100,7 @@ class PatchGrid:
         patches are copied, so the cost is k patches, not the whole image.
         """
         if images.ndim != 4 or images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            raise ValueError(
+            raise ImageError(
                 f"expected images of shape [B, C, {self.image_size}, {self.image_size}], "
                 f"got {tuple(images.shape)}"
             )
@@ -169,7 +171,7 @@ class TensorPatchSource:
 
     def __init__(self, images: torch.Tensor, grid: PatchGrid) -> None:
         if images.ndim != 4 or images.shape[-2:] != (grid.image_size, grid.image_size):
-            raise ValueError(
+            raise ImageError(
                 f"expected images of shape [B, C, {grid.image_size}, {grid.image_size}], "
                 f"got {tuple(images.shape)}"
             )

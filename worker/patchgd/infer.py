@@ -7,6 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
+from .errors import ImageError
 from .grid import PatchSource, TensorPatchSource
 from .models import BaselineModel, PatchGDModel
 
@@ -60,7 +61,7 @@ def predict_logits(
                 source = TensorPatchSource(source, model.grid)
             if source.grid != model.grid:
                 trained, given = model.grid, source.grid
-                raise ValueError(
+                raise ImageError(
                     f"the model was trained on a {trained.image_size}px image with {trained.patch_size}px "
                     f"patches, the input is {given.image_size}px with {given.patch_size}px patches"
                 )

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import gc
 import importlib
 import json
 import math
-import mmap
 import multiprocessing as mp
 import os
 import resource
@@ -33,6 +31,7 @@ import torch
 
 from .config import BaselineConfig, PatchGDConfig
 from .data import StreamingPatchSource, open_region_reader
+from .errors import ConfigError
 from .grid import TensorPatchSource
 from .models import build_backbone, build_baseline_model, build_patchgd_model
 from .train import baseline_step, build_optimizer, patchgd_step
@@ -342,27 +341,6 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
-
-
-def allocate_and_touch(num_bytes: int, hold_s: float = 0.05) -> int:
-    """Map `num_bytes` of fresh anonymous memory, write every page, hold it briefly: a workload of
-    known size for checking the measurement itself (and for tests).
-
-    An anonymous mapping, unlike a malloc'ed buffer, can never be served from memory the process
-    already holds, so exactly `num_bytes` of new resident memory appear. A mapping the kernel
-    refuses is reported as ``MemoryError``, like any failed allocation.
-    """
-    try:
-        block = mmap.mmap(-1, num_bytes)
-    except OSError as exc:
-        if exc.errno == errno.ENOMEM:
-            raise MemoryError(f"cannot map {num_bytes:,} bytes") from exc
-        raise
-    with block:
-        for offset in range(0, num_bytes, mmap.PAGESIZE):
-            block[offset] = 1
-        time.sleep(hold_s)
-        return len(block)
 
 
 # --------------------------------------------------------------------------- activation calibration
@@ -712,7 +690,7 @@ def enforce_budget(budget_gib: float, device: str = "cuda") -> float:
 
 def _check_budget(budget_gib: float) -> int:
     if not isinstance(budget_gib, int | float) or not math.isfinite(budget_gib) or budget_gib <= 0:
-        raise ValueError(f"memory budget must be a positive number of GiB, got {budget_gib!r}")
+        raise ConfigError(f"memory budget must be a positive number of GiB, got {budget_gib!r}")
     return int(budget_gib * GIB)
 
 

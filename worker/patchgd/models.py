@@ -20,14 +20,12 @@ import torchvision.models as tvm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .catalog import BACKBONE_CATALOG
+from .errors import WeightsError
 from .grid import PatchGrid, PatchSource, as_batch
 
 if TYPE_CHECKING:
     from .config import BaselineConfig, PatchGDConfig
-
-
-class WeightsError(ValueError):
-    """A weights file cannot be used for the requested architecture."""
 
 
 @dataclass(frozen=True)
@@ -47,22 +45,12 @@ class BackboneSpec:
     ignored_prefixes: tuple[str, ...]
 
 
+# Built from the torch-free catalog, so the names config accepts and the models built are one list.
 BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": BackboneSpec(tvm.resnet18, 512, "fc", "conv1", ("fc.",)),
-    "resnet34": BackboneSpec(tvm.resnet34, 512, "fc", "conv1", ("fc.",)),
-    "resnet50": BackboneSpec(tvm.resnet50, 2048, "fc", "conv1", ("fc.",)),
-    "mobilenet_v2": BackboneSpec(tvm.mobilenet_v2, 1280, "classifier", "features.0.0", ("classifier.",)),
-    "mobilenet_v3_small": BackboneSpec(
-        tvm.mobilenet_v3_small, 576, "classifier", "features.0.0", ("classifier.",)
-    ),
-    "mobilenet_v3_large": BackboneSpec(
-        tvm.mobilenet_v3_large, 960, "classifier", "features.0.0", ("classifier.",)
-    ),
-    "efficientnet_b0": BackboneSpec(
-        tvm.efficientnet_b0, 1280, "classifier", "features.0.0", ("classifier.",)
-    ),
-    # ConvNeXt's classifier starts with a LayerNorm that belongs to the trunk: only the Linear goes.
-    "convnext_tiny": BackboneSpec(tvm.convnext_tiny, 768, "classifier.2", "features.0.0", ("classifier.2.",)),
+    name: BackboneSpec(
+        getattr(tvm, info.constructor), info.feature_dim, info.classifier, info.stem, info.ignored_prefixes
+    )
+    for name, info in BACKBONE_CATALOG.items()
 }
 
 
@@ -135,7 +123,7 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"{path.name} was refused: it is not a plain weights file (it contains Python objects that "
             "would run code when loaded). Save a state_dict with torch.save or use .safetensors."
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # the safe unpickler fails in many ways on junk (even IndexError)
         raise WeightsError(f"{path.name} could not be read as a PyTorch weights file: {exc}") from exc
     # Training scripts often wrap the weights in {"state_dict": ...} or {"model": ...}.
     for key in ("state_dict", "model"):

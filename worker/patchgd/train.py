@@ -28,6 +28,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import BaselineConfig, PatchGDConfig
+from .errors import DatasetError
 from .grid import PatchSource, TensorPatchSource, as_batch
 from .infer import predict_logits
 from .metrics import classification_report
@@ -379,7 +380,7 @@ def train(
     device = torch.device(device)
     steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
     if steps_per_epoch == 0:
-        raise ValueError("the training set is empty")
+        raise DatasetError("the training set is empty")
     is_patchgd = isinstance(cfg, PatchGDConfig)
 
     seed_everything(cfg.seed)
