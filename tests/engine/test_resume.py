@@ -18,7 +18,7 @@ from worker.patchgd.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from worker.patchgd.config import BaselineConfig, PatchGDConfig
+from worker.patchgd.config import BaselineConfig, ConfigError, PatchGDConfig
 from worker.patchgd.models import build_baseline_model
 from worker.patchgd.train import Progress, train
 
@@ -154,3 +154,41 @@ def test_resume_does_not_need_the_pretrained_file_again(tmp_path: Path) -> None:
     weights.unlink()
     resumed, _ = _run(cfg, resume_from=tmp_path / "run" / "last.pt")
     assert resumed.status == "succeeded" and resumed.epochs_completed == 3
+
+
+class MinuteClock:
+    """A clock that moves one minute each time it is read: time-based checkpoints without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 60.0
+        return self.now
+
+
+@pytest.mark.parametrize("algorithm", sorted(CONFIGS))
+def test_resume_from_a_mid_epoch_checkpoint_equals_uninterrupted(tmp_path: Path, algorithm: str) -> None:
+    cfg = type(CONFIGS[algorithm])(**{**CONFIGS[algorithm].to_dict(), "checkpoint_every_minutes": 1.5})
+    straight, straight_losses = _run(cfg)
+    # One clock read per step and one per save, 90 s apart: mid-epoch checkpoints after steps 2, 5
+    # and 8, epoch-end ones after 3 and 6. Stopped after step 8, whose checkpoint is the newest.
+    first, first_losses = _run(cfg, checkpoint_dir=tmp_path, max_steps=8, clock=MinuteClock())
+    assert first.status == "stopped" and first_losses == straight_losses[:8]
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert (state["epoch"], state["batch"], state["step"]) == (2, 2, 8)
+    assert load_checkpoint(tmp_path / "previous.pt")["step"] == 6
+    # A fresh call skips the epoch's two finished batches and continues with the same order.
+    resumed, resumed_losses = _run(cfg, resume_from=tmp_path / "last.pt")
+    assert resumed.status == "succeeded" and resumed.steps == 9 and resumed_losses == straight_losses[8:]
+    assert [m.train_loss for m in resumed.history] == [m.train_loss for m in straight.history]
+    assert resumed.final == straight.final
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def test_checkpoint_interval_is_validated() -> None:
+    for bad in (0, -1.0, "5", float("nan"), True):
+        with pytest.raises(ConfigError, match="checkpoint_every_minutes"):
+            BaselineConfig(num_classes=2, checkpoint_every_minutes=bad)
+    assert BaselineConfig(num_classes=2, checkpoint_every_minutes=0.25).checkpoint_every_minutes == 0.25

@@ -7,6 +7,7 @@ schedules, progress, evaluation, checkpoints, cancellation). Read ``patchgd_step
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -303,6 +304,10 @@ class TrainResult:
 
 
 CHECKPOINT_NAME = "last.pt"
+# The checkpoint that ``last.pt`` replaced: the fallback when the newest one is unreadable.
+PREVIOUS_CHECKPOINT_NAME = "previous.pt"
+# Config fields that only steer bookkeeping, never the arithmetic: a resumed run may change them.
+OPERATIONAL_FIELDS = frozenset({"checkpoint_every_minutes"})
 
 
 def seed_everything(seed: int) -> None:
@@ -342,11 +347,37 @@ def _check_resumable(state: dict[str, Any], cfg: PatchGDConfig | BaselineConfig)
     if state.get("algorithm") != cfg.algorithm:
         raise CheckpointError(f"the checkpoint is for {state.get('algorithm')}, this run is {cfg.algorithm}")
     saved, current = state.get("config", {}), cfg.to_dict()
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    changed = sorted(
+        k for k in set(saved) | set(current) if k not in OPERATIONAL_FIELDS and saved.get(k) != current.get(k)
+    )
     if changed:
         raise CheckpointError(
             f"the checkpoint was written with different hyperparameters: {', '.join(changed)}"
         )
+
+
+def _write_checkpoint(state: dict[str, Any], directory: Path) -> Path:
+    """Save ``state`` as ``directory/last.pt``, keeping the file it replaces as ``previous.pt``."""
+    path = directory / CHECKPOINT_NAME
+    if path.exists():
+        os.replace(path, directory / PREVIOUS_CHECKPOINT_NAME)
+    return save_checkpoint(state, path)
+
+
+def _skip_batches(iterator: Iterator, count: int) -> None:
+    """Advance a fresh epoch iterator past ``count`` batches (a resume from mid-epoch).
+
+    A single-process ``DataLoader`` only draws the batch indices (the same sampler draws as the
+    original run) without loading the images; any other iterable is read and the batches dropped.
+    """
+    next_index = getattr(iterator, "_next_index", None)
+    if callable(next_index) and getattr(iterator, "_num_workers", None) == 0:
+        for _ in range(count):
+            next_index()
+        iterator._num_yielded += count  # type: ignore[attr-defined]
+        return
+    for _ in range(count):
+        next(iterator)
 
 
 def train(
@@ -361,6 +392,7 @@ def train(
     checkpoint_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
     max_steps: int | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> TrainResult:
     """Train PatchGD or the baseline (by config type) and evaluate the final model.
 
@@ -368,9 +400,17 @@ def train(
     the images may also be any ``PatchSource`` (e.g. a streaming one). A ``torch.Generator``
     attached to the loader (``DataLoader(generator=...)``) is seeded from ``cfg.seed`` and
     checkpointed, so shuffling resumes exactly. A full-state checkpoint is written atomically to
-    ``checkpoint_dir/last.pt`` after every epoch; ``resume_from`` continues from one as if the run
-    had never stopped. ``should_stop`` is checked before every step (cancellation);
-    ``max_steps`` ends the run after that many steps in total.
+    ``checkpoint_dir/last.pt`` after every epoch, and also between steps once
+    ``cfg.checkpoint_every_minutes`` have passed (by ``clock``, in seconds) since the last one;
+    the file it replaces is kept as ``previous.pt``. ``resume_from`` continues from one as if the
+    run had never stopped, mid-epoch included. ``should_stop`` is checked before every step
+    (cancellation); ``max_steps`` ends the run after that many steps in total.
+
+    A mid-epoch checkpoint records the epoch, the number of batches done, the losses so far and
+    two sets of RNG states: those at the start of the epoch (global and loader generator, which
+    decide the epoch's data order) and those at the checkpoint. Resuming restores the first,
+    opens the epoch's iterator and skips the finished batches (so the order is the same), then
+    restores the second and carries on.
 
     Resume is bit-exact on CPU (tests/engine/test_resume.py); on CUDA it is exact up to the
     nondeterministic cuDNN kernels, which we keep for speed.
@@ -400,6 +440,7 @@ def train(
 
     start_epoch, step = 0, 0
     history: list[EpochMetrics] = []
+    state: dict[str, Any] = {}
     if resume_from is not None:
         state = load_checkpoint(resume_from)
         _check_resumable(state, cfg)
@@ -412,11 +453,22 @@ def train(
             loader_generator.set_state(state["loader_rng"])
         start_epoch, step = state["epoch"], state["step"]
         history = [EpochMetrics(**item) for item in state["history"]]
+    resume_batch = int(state.get("batch", 0))
+    has_loader_generator = isinstance(loader_generator, torch.Generator)
+
+    def loader_state() -> torch.Tensor | None:
+        return loader_generator.get_state() if has_loader_generator else None  # type: ignore[union-attr]
 
     total_steps = cfg.epochs * steps_per_epoch
     if max_steps is not None:
         total_steps = min(total_steps, max_steps)
     checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    interval_s = (
+        cfg.checkpoint_every_minutes * 60.0
+        if checkpoint_path is not None and cfg.checkpoint_every_minutes is not None
+        else None
+    )
+    last_saved = clock()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     run_images = run_patches = run_steps = 0
@@ -431,7 +483,24 @@ def train(
         epoch_started = time.perf_counter()
         epoch_losses: list[float] = []
         batches_done = 0
-        for images, labels in train_loader:
+        skip = resume_batch if epoch == start_epoch else 0
+        if skip:
+            # Back to the epoch's start so the iterator draws the same order, then forward again.
+            epoch_rng, epoch_loader_rng = state["epoch_rng"], state["epoch_loader_rng"]
+            restore_rng_state(epoch_rng)
+            if has_loader_generator and epoch_loader_rng is not None:
+                loader_generator.set_state(epoch_loader_rng)  # type: ignore[union-attr]
+        else:
+            epoch_rng, epoch_loader_rng = capture_rng_state(), loader_state()
+        batches = iter(train_loader)
+        if skip:
+            _skip_batches(batches, skip)
+            restore_rng_state(state["rng"])
+            if has_loader_generator and state.get("loader_rng") is not None:
+                loader_generator.set_state(state["loader_rng"])  # type: ignore[union-attr]
+            batches_done = skip
+            epoch_losses = list(state["epoch_losses"])
+        for images, labels in batches:
             if should_stop is not None and should_stop():
                 status = "cancelled"
                 break
@@ -475,8 +544,33 @@ def train(
                         peak_memory_bytes=peak_memory_bytes(device),
                     )
                 )
+            due = interval_s is not None and clock() - last_saved >= interval_s
+            # Not after an epoch's last batch: the epoch-end checkpoint follows the evaluation.
+            if due and batches_done < steps_per_epoch:
+                _write_checkpoint(
+                    {
+                        "algorithm": cfg.algorithm,
+                        "config": cfg.to_dict(),
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": capture_rng_state(),
+                        "sampler_rng": sampler.get_state(),
+                        "loader_rng": loader_state(),
+                        "epoch": epoch,
+                        "batch": batches_done,
+                        "step": step,
+                        "epoch_rng": epoch_rng,
+                        "epoch_loader_rng": epoch_loader_rng,
+                        "epoch_losses": list(epoch_losses),
+                        "history": [item.to_dict() for item in history],
+                    },
+                    checkpoint_path.parent,  # type: ignore[union-attr]
+                )
+                last_saved = clock()
         if batches_done < steps_per_epoch:
-            # Cancelled or stopped mid-epoch: no evaluation, no checkpoint of a partial epoch.
+            # Cancelled or stopped mid-epoch: no evaluation and no epoch-end checkpoint (the last
+            # time-based one, if any, stays the newest).
             if status == "succeeded":
                 status = "stopped"
             break
@@ -499,7 +593,7 @@ def train(
         if checkpoint_path is not None:
             # Written after evaluation so the saved RNG state is exactly where the next epoch
             # starts (iterating a loader draws from the global RNG).
-            save_checkpoint(
+            _write_checkpoint(
                 {
                     "algorithm": cfg.algorithm,
                     "config": cfg.to_dict(),
@@ -508,15 +602,15 @@ def train(
                     "scheduler": scheduler.state_dict(),
                     "rng": capture_rng_state(),
                     "sampler_rng": sampler.get_state(),
-                    "loader_rng": loader_generator.get_state()
-                    if isinstance(loader_generator, torch.Generator)
-                    else None,
+                    "loader_rng": loader_state(),
                     "epoch": epoch + 1,
+                    "batch": 0,
                     "step": step,
                     "history": [item.to_dict() for item in history],
                 },
-                checkpoint_path,
+                checkpoint_path.parent,
             )
+            last_saved = clock()
         if on_epoch_end is not None:
             on_epoch_end(metrics)
         if status != "succeeded":
