@@ -192,3 +192,25 @@ def test_checkpoint_interval_is_validated() -> None:
         with pytest.raises(ConfigError, match="checkpoint_every_minutes"):
             BaselineConfig(num_classes=2, checkpoint_every_minutes=bad)
     assert BaselineConfig(num_classes=2, checkpoint_every_minutes=0.25).checkpoint_every_minutes == 0.25
+
+
+def test_auto_resume_takes_the_newest_readable_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = CONFIGS["baseline"]
+    # Nothing there yet: a fresh run (which writes last.pt after epoch 1 and 2, previous.pt = epoch 1).
+    first, first_losses = _run(cfg, checkpoint_dir=tmp_path, max_steps=6, resume_from="auto")
+    assert first.steps == 6 and len(first_losses) == 6
+    assert load_checkpoint(tmp_path / "previous.pt")["step"] == 3
+    straight, straight_losses = _run(cfg)
+    # A crash that leaves last.pt cut short: auto skips it with a warning and takes previous.pt.
+    data = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "last.pt").write_bytes(data[: len(data) // 2])
+    with caplog.at_level("WARNING"):
+        resumed, resumed_losses = _run(cfg, checkpoint_dir=tmp_path, resume_from="auto")
+    assert "ignoring checkpoint" in caplog.text and "last.pt" in caplog.text
+    assert resumed.steps == 9 and resumed_losses == straight_losses[3:]
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    with pytest.raises(ValueError, match="needs a checkpoint_dir"):
+        _run(cfg, resume_from="auto")

@@ -24,6 +24,7 @@ from torch import nn
 from .checkpoint import (
     CheckpointError,
     capture_rng_state,
+    find_latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -403,7 +404,9 @@ def train(
     ``checkpoint_dir/last.pt`` after every epoch, and also between steps once
     ``cfg.checkpoint_every_minutes`` have passed (by ``clock``, in seconds) since the last one;
     the file it replaces is kept as ``previous.pt``. ``resume_from`` continues from one as if the
-    run had never stopped, mid-epoch included. ``should_stop`` is checked before every step
+    run had never stopped, mid-epoch included; ``resume_from="auto"`` takes the newest readable
+    checkpoint in ``checkpoint_dir`` (a damaged one is skipped with a warning) or starts afresh
+    when there is none. ``should_stop`` is checked before every step
     (cancellation); ``max_steps`` ends the run after that many steps in total.
 
     A mid-epoch checkpoint records the epoch, the number of batches done, the losses so far and
@@ -421,6 +424,14 @@ def train(
     if steps_per_epoch == 0:
         raise ValueError("the training set is empty")
     is_patchgd = isinstance(cfg, PatchGDConfig)
+    state: dict[str, Any] = {}
+    if resume_from == "auto":
+        if checkpoint_dir is None:
+            raise ValueError('resume_from="auto" needs a checkpoint_dir to look in')
+        found = find_latest_checkpoint(checkpoint_dir)
+        resume_from, state = found if found is not None else (None, {})
+    elif resume_from is not None:
+        state = load_checkpoint(resume_from)
 
     seed_everything(cfg.seed)
     # A resumed run takes every weight from the checkpoint: the pretrained file is not needed again.
@@ -440,9 +451,7 @@ def train(
 
     start_epoch, step = 0, 0
     history: list[EpochMetrics] = []
-    state: dict[str, Any] = {}
     if resume_from is not None:
-        state = load_checkpoint(resume_from)
         _check_resumable(state, cfg)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
