@@ -135,3 +135,20 @@ def test_cuda_bf16_channels_last_training() -> None:
         assert result.status == "succeeded" and next(result.model.parameters()).is_cuda
         assert all(torch.isfinite(torch.tensor(h.train_loss)) for h in result.history)
     assert all(0 < p.peak_memory_bytes < torch.cuda.get_device_properties(0).total_memory for p in progress)
+
+
+def test_every_parameter_group_reports_its_learning_rate() -> None:
+    cfg = _patchgd_cfg(epochs=1, batch_size=8, lr_backbone=1e-3, lr_head=4e-3)
+    train_loader, _ = _loaders(batch_size=8)
+    progress: list[Progress] = []
+    epochs: list[EpochMetrics] = []
+    train(cfg, train_loader, device="cpu", on_progress=progress.append, on_epoch_end=epochs.append)
+    assert len(progress) == 2
+    for p in progress + epochs:
+        assert set(p.lrs) == {"backbone", "head"} and p.lr == p.lrs["backbone"]
+    # Reported after the scheduler stepped: the rates of step 2 of 2 of warmup, each group's own.
+    assert progress[0].lrs == pytest.approx({"backbone": 1e-3, "head": 4e-3})
+    baseline = BaselineConfig(num_classes=2, backbone="resnet18", image_size=64, epochs=1, batch_size=8)
+    seen: list[Progress] = []
+    train(baseline, train_loader, device="cpu", max_steps=1, on_progress=seen.append)
+    assert set(seen[0].lrs) == {"model"} and seen[0].lr == seen[0].lrs["model"]

@@ -250,7 +250,11 @@ def baseline_step(
 
 @dataclass
 class Progress:
-    """A snapshot sent to ``on_progress`` after every step."""
+    """A snapshot sent to ``on_progress`` after every step.
+
+    ``lrs`` is the learning rate of each parameter group by name ("backbone" and "head" for
+    PatchGD, "model" for the baseline); ``lr`` is the first group's, kept for older readers.
+    """
 
     epoch: int
     step: int
@@ -262,11 +266,12 @@ class Progress:
     loss: float
     lr: float
     peak_memory_bytes: int
+    lrs: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class EpochMetrics:
-    """Per-epoch results sent to ``on_epoch_end`` and kept in the run history."""
+    """Per-epoch results sent to ``on_epoch_end`` and kept in the run history (``lrs``: as in Progress)."""
 
     epoch: int
     train_loss: float
@@ -279,6 +284,7 @@ class EpochMetrics:
     patches_per_s: float
     peak_memory_bytes: int
     seconds: float
+    lrs: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
@@ -342,6 +348,11 @@ def evaluate(
     report = classification_report(y_true, y_pred, cfg.num_classes)
     report["loss"] = total_loss / count if count else None
     return report
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The current learning rate of every parameter group, by group name."""
+    return {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
 
 
 def _check_resumable(state: dict[str, Any], cfg: PatchGDConfig | BaselineConfig) -> None:
@@ -551,6 +562,7 @@ def train(
                         loss=stats.loss,
                         lr=optimizer.param_groups[0]["lr"],
                         peak_memory_bytes=peak_memory_bytes(device),
+                        lrs=group_lrs(optimizer),
                     )
                 )
             due = interval_s is not None and clock() - last_saved >= interval_s
@@ -597,6 +609,7 @@ def train(
             patches_per_s=run_patches / run_step_seconds if run_step_seconds else 0.0,
             peak_memory_bytes=peak_memory_bytes(device),
             seconds=time.perf_counter() - epoch_started,
+            lrs=group_lrs(optimizer),
         )
         history.append(metrics)
         if checkpoint_path is not None:
