@@ -214,3 +214,44 @@ def test_auto_resume_takes_the_newest_readable_checkpoint(
         assert torch.equal(value, resumed.model.state_dict()[name]), name
     with pytest.raises(ValueError, match="needs a checkpoint_dir"):
         _run(cfg, resume_from="auto")
+
+
+def test_a_finished_run_is_extended_on_the_longer_schedule(tmp_path: Path) -> None:
+    cfg = CONFIGS["baseline"]
+    finished, finished_lrs = _run_lrs(cfg, checkpoint_dir=tmp_path / "finished")
+    assert finished.status == "succeeded" and finished_lrs[-1] == 0
+    longer = BaselineConfig(**{**cfg.to_dict(), "epochs": 5})
+    extended, extended_lrs = _run_lrs(
+        longer, checkpoint_dir=tmp_path / "extended", resume_from=tmp_path / "finished" / "last.pt"
+    )
+    assert extended.status == "succeeded" and extended.epochs_completed == 5 and extended.steps == 15
+    assert [m.to_dict() for m in extended.history[:3]] == [m.to_dict() for m in finished.history]
+    # From step 10 on, the rates are exactly those of a run planned with 5 epochs: the decay
+    # restarts above zero and ends at zero again.
+    _, planned_lrs = _run_lrs(longer, max_steps=15)
+    assert extended_lrs == planned_lrs[9:] and extended_lrs[0] > 0 and extended_lrs[-1] == 0
+    assert extended.final is not None and extended.final == extended.history[-1].val_report
+    # The first step after the resume already trains at the new rate (the checkpoint's was 0).
+    one_more, _ = _run_lrs(longer, resume_from=tmp_path / "finished" / "last.pt", max_steps=10)
+    before, after = dict(finished.model.named_parameters()), dict(one_more.model.named_parameters())
+    assert one_more.steps == 10
+    assert not any(torch.equal(before[k], after[k]) for k in ("classifier.weight", "classifier.bias"))
+
+
+def test_resume_refuses_fewer_epochs_and_lists_every_changed_field(tmp_path: Path) -> None:
+    cfg = CONFIGS["patchgd"]
+    _run(cfg, checkpoint_dir=tmp_path, max_steps=3)
+    shorter = PatchGDConfig(**{**cfg.to_dict(), "epochs": 2})
+    with pytest.raises(CheckpointError, match="epochs can only be extended on resume: .* 3, this one 2"):
+        _run(shorter, resume_from=tmp_path / "last.pt")
+    changed = PatchGDConfig(**{**cfg.to_dict(), "epochs": 4, "lr_head": 0.5, "batch_size": 4, "seed": 1})
+    with pytest.raises(CheckpointError, match="different hyperparameters: batch_size, lr_head, seed$"):
+        _run(changed, resume_from=tmp_path / "last.pt")
+
+
+def _run_lrs(cfg, **kwargs):  # noqa: ANN001, ANN202 - test helper
+    lrs: list[float] = []
+    train_loader, val_loader = _loaders()
+    record = lambda p: lrs.append(p.lr)  # noqa: E731
+    result = train(cfg, train_loader, val_loader, device="cpu", on_progress=record, **kwargs)
+    return result, lrs

@@ -356,16 +356,42 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 
 def _check_resumable(state: dict[str, Any], cfg: PatchGDConfig | BaselineConfig) -> None:
+    """Refuse a checkpoint of another algorithm or with other hyperparameters, naming them.
+
+    Only ``epochs`` may grow (extending a run, finished or not) and the operational fields may
+    change; everything else would make the continued run something no single run could produce.
+    """
     if state.get("algorithm") != cfg.algorithm:
         raise CheckpointError(f"the checkpoint is for {state.get('algorithm')}, this run is {cfg.algorithm}")
     saved, current = state.get("config", {}), cfg.to_dict()
+    may_change = OPERATIONAL_FIELDS | {"epochs"}
     changed = sorted(
-        k for k in set(saved) | set(current) if k not in OPERATIONAL_FIELDS and saved.get(k) != current.get(k)
+        k for k in set(saved) | set(current) if k not in may_change and saved.get(k) != current.get(k)
     )
     if changed:
         raise CheckpointError(
             f"the checkpoint was written with different hyperparameters: {', '.join(changed)}"
         )
+    saved_epochs = saved.get("epochs")
+    if isinstance(saved_epochs, int) and cfg.epochs < saved_epochs:
+        raise CheckpointError(
+            f"epochs can only be extended on resume: the checkpoint's run has {saved_epochs}, "
+            f"this one {cfg.epochs}"
+        )
+
+
+def _follow_new_schedule(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR
+) -> None:
+    """Set every group's learning rate to this run's schedule at the restored step.
+
+    Needed when ``epochs`` was extended: the checkpoint holds the rate of the shorter schedule.
+    """
+    for group, base_lr, factor in zip(
+        optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # type: ignore[attr-defined]
 
 
 def _write_checkpoint(state: dict[str, Any], directory: Path) -> Path:
@@ -426,6 +452,13 @@ def train(
     opens the epoch's iterator and skips the finished batches (so the order is the same), then
     restores the second and carries on.
 
+    A finished (or unfinished) run is extended by resuming it with a larger ``epochs``; every
+    other hyperparameter must match. The learning-rate schedule is the one the new ``epochs``
+    defines, applied from the restored step on: warmup (already past) is unchanged and the linear
+    decay is stretched to reach zero at the new end, so a finished run (rate 0) picks up at the
+    rate the longer schedule has at that step, exactly as if it had been planned with the new
+    ``epochs`` from there on. Earlier steps keep the rates they were trained with.
+
     Resume is bit-exact on CPU (tests/engine/test_resume.py); on CUDA it is exact up to the
     nondeterministic cuDNN kernels, which we keep for speed.
     """
@@ -467,6 +500,8 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state["config"].get("epochs") != cfg.epochs:
+            _follow_new_schedule(optimizer, scheduler)
         restore_rng_state(state["rng"])
         sampler.set_state(state["sampler_rng"])
         if isinstance(loader_generator, torch.Generator) and state.get("loader_rng") is not None:
