@@ -49,6 +49,8 @@ loaders = make_loaders(index, image_size=32, batch_size=2, cache_dir=data / ".ca
 losses = []
 
 def on_progress(progress):
+    if progress.phase != "train":
+        return
     losses.append(progress.loss)
     if mode == "slow":
         time.sleep(0.25)

@@ -62,9 +62,8 @@ CONFIGS = {
 def _run(cfg, **kwargs):  # noqa: ANN001, ANN202 - test helper
     losses: list[float] = []
     train_loader, val_loader = _loaders()
-    result = train(
-        cfg, train_loader, val_loader, device="cpu", on_progress=lambda p: losses.append(p.loss), **kwargs
-    )
+    record = lambda p: p.phase == "train" and losses.append(p.loss)  # noqa: E731 - training steps only
+    result = train(cfg, train_loader, val_loader, device="cpu", on_progress=record, **kwargs)
     return result, losses
 
 
@@ -252,6 +251,6 @@ def test_resume_refuses_fewer_epochs_and_lists_every_changed_field(tmp_path: Pat
 def _run_lrs(cfg, **kwargs):  # noqa: ANN001, ANN202 - test helper
     lrs: list[float] = []
     train_loader, val_loader = _loaders()
-    record = lambda p: lrs.append(p.lr)  # noqa: E731
+    record = lambda p: p.phase == "train" and lrs.append(p.lr)  # noqa: E731
     result = train(cfg, train_loader, val_loader, device="cpu", on_progress=record, **kwargs)
     return result, lrs

@@ -59,6 +59,7 @@ def test_patchgd_learns_and_reports_progress() -> None:
     result = train(
         cfg, train_loader, val_loader, device="cpu", on_progress=progress.append, on_epoch_end=epochs.append
     )
+    progress = [p for p in progress if p.phase == "train"]  # evaluation heartbeats aside
     assert result.status == "succeeded"
     assert result.epochs_completed == 4 and result.steps == 16
     assert [p.step for p in progress] == list(range(1, 17))
@@ -152,3 +153,35 @@ def test_every_parameter_group_reports_its_learning_rate() -> None:
     seen: list[Progress] = []
     train(baseline, train_loader, device="cpu", max_steps=1, on_progress=seen.append)
     assert set(seen[0].lrs) == {"model"} and seen[0].lr == seen[0].lrs["model"]
+
+
+def test_evaluation_heartbeats_and_can_be_cancelled() -> None:
+    cfg = _patchgd_cfg(epochs=1, batch_size=8)
+    train_set, val_set = _bright_square_dataset(8, seed=0), _bright_square_dataset(8, seed=1)
+    train_loader = DataLoader(train_set, batch_size=8)
+    val_loader = DataLoader(val_set, batch_size=2)  # 4 evaluation batches
+    seen: list[Progress] = []
+    result = train(cfg, train_loader, val_loader, device="cpu", on_progress=seen.append)
+    assert [(p.phase, p.phase_done, p.phase_total) for p in seen] == [("train", 1, 1)] + [
+        ("eval", i, 4) for i in range(1, 5)
+    ]
+    evals = [p for p in seen if p.phase == "eval"]
+    assert all(p.step == 1 and p.images_per_s > 0 and p.patches_per_s == 16 * p.images_per_s for p in evals)
+    # The last heartbeat's running loss is the epoch's validation loss.
+    assert evals[-1].loss == pytest.approx(result.history[0].val_loss)
+    # should_stop is asked before each evaluation batch too: stop after two of the four.
+    seen.clear()
+
+    def stop_after_two_eval_batches() -> bool:
+        return sum(p.phase == "eval" for p in seen) == 2
+
+    cancelled = train(
+        cfg,
+        train_loader,
+        val_loader,
+        device="cpu",
+        on_progress=seen.append,
+        should_stop=stop_after_two_eval_batches,
+    )
+    assert cancelled.status == "cancelled" and cancelled.epochs_completed == 0 and cancelled.history == []
+    assert [p.phase for p in seen] == ["train", "eval", "eval"] and cancelled.final is None

@@ -250,10 +250,14 @@ def baseline_step(
 
 @dataclass
 class Progress:
-    """A snapshot sent to ``on_progress`` after every step.
+    """A snapshot sent to ``on_progress`` after every training step and every evaluation batch.
 
     ``lrs`` is the learning rate of each parameter group by name ("backbone" and "head" for
     PatchGD, "model" for the baseline); ``lr`` is the first group's, kept for older readers.
+    ``phase`` is "train" or "eval"; ``phase_done`` of ``phase_total`` batches of this epoch's
+    phase are finished (``phase_total`` 0: unknown length). During "eval" the step counters,
+    fraction and ETA stay those of training, ``loss`` is the running validation loss and the
+    throughputs are the evaluation's.
     """
 
     epoch: int
@@ -267,6 +271,9 @@ class Progress:
     lr: float
     peak_memory_bytes: int
     lrs: dict[str, float] = field(default_factory=dict)
+    phase: str = "train"
+    phase_done: int = 0
+    phase_total: int = 0
 
 
 @dataclass
@@ -332,21 +339,66 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def evaluate(
-    model: nn.Module, loader: Iterable, cfg: PatchGDConfig | BaselineConfig, device: torch.device
-) -> dict[str, Any]:
-    """Loss and classification report of ``model`` over a loader, in eval mode (no gradients)."""
+    model: nn.Module,
+    loader: Iterable,
+    cfg: PatchGDConfig | BaselineConfig,
+    device: torch.device,
+    *,
+    on_batch: Callable[[int, int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any] | None:
+    """Loss and classification report of ``model`` over a loader, in eval mode (no gradients).
+
+    ``on_batch(batches_done, images_done, mean_loss_so_far)`` is called after every batch (a
+    heartbeat for long evaluations); ``should_stop`` is checked before every batch and, when it
+    returns True, the evaluation is abandoned and None returned.
+    """
     dtype = torch.bfloat16 if cfg.use_bf16(device.type) else None
     total_loss, count = 0.0, 0
     y_true: list[int] = []
     y_pred: list[int] = []
-    for images, labels in loader:
+    for batches, (images, labels) in enumerate(loader, start=1):
+        if should_stop is not None and should_stop():
+            return None
         logits = predict_logits(model, images, device=device, autocast_dtype=dtype)
         total_loss += F.cross_entropy(logits, labels.cpu(), reduction="sum").item()
         count += labels.shape[0]
         y_true += labels.tolist()
         y_pred += logits.argmax(dim=1).tolist()
+        if on_batch is not None:
+            on_batch(batches, count, total_loss / count)
     report = classification_report(y_true, y_pred, cfg.num_classes)
     report["loss"] = total_loss / count if count else None
+    return report
+
+
+def _eval_heartbeat(
+    on_progress: Callable[[Progress], None],
+    total_batches: int,
+    patches_per_image: int,
+    *,
+    device: torch.device,
+    **fixed: Any,
+) -> Callable[[int, int, float], None]:
+    """An ``evaluate`` callback that reports "eval" Progress (training counters held in ``fixed``)."""
+    started = time.perf_counter()
+
+    def report(batches: int, images: int, loss: float) -> None:
+        elapsed = time.perf_counter() - started
+        images_per_s = images / elapsed if elapsed else 0.0
+        on_progress(
+            Progress(
+                **fixed,
+                images_per_s=images_per_s,
+                patches_per_s=images_per_s * patches_per_image,
+                loss=loss,
+                peak_memory_bytes=peak_memory_bytes(device),
+                phase="eval",
+                phase_done=batches,
+                phase_total=total_batches,
+            )
+        )
+
     return report
 
 
@@ -598,6 +650,8 @@ def train(
                         lr=optimizer.param_groups[0]["lr"],
                         peak_memory_bytes=peak_memory_bytes(device),
                         lrs=group_lrs(optimizer),
+                        phase_done=batches_done,
+                        phase_total=steps_per_epoch,
                     )
                 )
             due = interval_s is not None and clock() - last_saved >= interval_s
@@ -631,7 +685,36 @@ def train(
                 status = "stopped"
             break
 
-        val = evaluate(model, val_loader, cfg, device) if val_loader is not None else None
+        val = None
+        if val_loader is not None:
+            heartbeat = None
+            if on_progress is not None:
+                heartbeat = _eval_heartbeat(
+                    on_progress,
+                    len(val_loader) if hasattr(val_loader, "__len__") else 0,
+                    cfg.grid.num_patches if is_patchgd else 0,  # type: ignore[union-attr]
+                    epoch=epoch,
+                    step=step,
+                    total_steps=total_steps,
+                    fraction=min(1.0, step / total_steps),
+                    eta_seconds=max(0, total_steps - step) * run_step_seconds / max(1, run_steps),
+                    lr=optimizer.param_groups[0]["lr"],
+                    lrs=group_lrs(optimizer),
+                    device=device,
+                )
+            val = evaluate(
+                model,
+                val_loader,
+                cfg,
+                device,
+                on_batch=heartbeat,
+                should_stop=should_stop,
+            )
+            if val is None:
+                # Cancelled during evaluation: the epoch is not recorded and no epoch-end
+                # checkpoint is written (a resume repeats it from the last checkpoint).
+                status = "cancelled"
+                break
         metrics = EpochMetrics(
             epoch=epoch,
             train_loss=sum(epoch_losses) / len(epoch_losses),
