@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -331,11 +332,49 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_PROC_STATUS = Path("/proc/self/status")
+_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak-memory window; True when the peak really restarts from now.
+
+    CUDA: the allocator's peak statistics. CPU (Linux): writing "5" to /proc/self/clear_refs
+    resets the kernel's resident-set high-water mark (VmHWM) of this process. Where that file
+    cannot be written the CPU peak stays the process-lifetime one (still a peak, never less).
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        _PROC_CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA peak allocated bytes on a GPU; the process resident set size on CPU."""
+    """Peak memory since the last ``reset_peak_memory``: allocated bytes on CUDA, resident set on CPU.
+
+    On CPU the kernel's high-water mark (VmHWM on Linux, else ``ru_maxrss``), which catches
+    allocations freed again before anyone looked, unlike a reading of the current RSS.
+    """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(psutil.Process().memory_info().rss)
+    try:
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource  # POSIX only
+
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # Linux reports kilobytes, macOS bytes.
+        return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024
+    except ImportError:
+        return int(psutil.Process().memory_info().rss)
 
 
 def evaluate(
@@ -576,8 +615,6 @@ def train(
         else None
     )
     last_saved = clock()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     run_images = run_patches = run_steps = 0
     run_step_seconds = 0.0
     status = "succeeded"
@@ -588,6 +625,8 @@ def train(
             break
         model.train()
         epoch_started = time.perf_counter()
+        # Progress and EpochMetrics report the peak of the epoch so far.
+        reset_peak_memory(device)
         epoch_losses: list[float] = []
         batches_done = 0
         skip = resume_batch if epoch == start_epoch else 0
