@@ -377,6 +377,13 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(psutil.Process().memory_info().rss)
 
 
+def _close(source: object) -> None:
+    """Close the files of a streamed batch once it has been used (in-memory batches have none)."""
+    close = getattr(source, "close", None)
+    if callable(close):
+        close()
+
+
 def evaluate(
     model: nn.Module,
     loader: Iterable,
@@ -400,6 +407,7 @@ def evaluate(
         if should_stop is not None and should_stop():
             return None
         logits = predict_logits(model, images, device=device, autocast_dtype=dtype)
+        _close(images)
         total_loss += F.cross_entropy(logits, labels.cpu(), reduction="sum").item()
         count += labels.shape[0]
         y_true += labels.tolist()
@@ -526,7 +534,8 @@ def train(
     """Train PatchGD or the baseline (by config type) and evaluate the final model.
 
     ``train_loader`` yields ``(images [B, C, S, S] normalised float32, labels [B])``; for PatchGD
-    the images may also be any ``PatchSource`` (e.g. a streaming one). A ``torch.Generator``
+    the images may also be any ``PatchSource`` (e.g. the ``StackedPatchSource`` batches of streamed
+    files from ``make_loaders(..., streaming=...)``, closed after their step). A ``torch.Generator``
     attached to the loader (``DataLoader(generator=...)``) is seeded from ``cfg.seed`` and
     checkpointed, so shuffling resumes exactly. A full-state checkpoint is written atomically to
     ``checkpoint_dir/last.pt`` after every epoch, and also between steps once
@@ -665,6 +674,7 @@ def train(
                 stats = patchgd_step(
                     model, optimizer, source, labels, cfg, scheduler=scheduler, generator=sampler
                 )
+                _close(source)
             else:
                 stats = baseline_step(model, optimizer, images, labels, cfg, scheduler=scheduler)
             step += 1
