@@ -377,6 +377,14 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(psutil.Process().memory_info().rss)
 
 
+def _length(loader: Iterable) -> int:
+    """Batches in a loader, 0 when it cannot tell (an iterable dataset, a generator)."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return 0
+
+
 def _close(source: object) -> None:
     """Close the files of a streamed batch once it has been used (in-memory batches have none)."""
     close = getattr(source, "close", None)
@@ -506,6 +514,9 @@ def _skip_batches(iterator: Iterator, count: int) -> None:
 
     A single-process ``DataLoader`` only draws the batch indices (the same sampler draws as the
     original run) without loading the images; any other iterable is read and the batches dropped.
+    Exactness needs the iterable to be a function of the RNG states at the epoch's start: true
+    for DataLoaders (worker seeds are drawn when the iterator is made) except random transforms
+    inside ``persistent_workers``, whose RNGs carry over from earlier epochs.
     """
     next_index = getattr(iterator, "_next_index", None)
     if callable(next_index) and getattr(iterator, "_num_workers", None) == 0:
@@ -740,7 +751,7 @@ def train(
             if on_progress is not None:
                 heartbeat = _eval_heartbeat(
                     on_progress,
-                    len(val_loader) if hasattr(val_loader, "__len__") else 0,
+                    _length(val_loader),
                     cfg.grid.num_patches if is_patchgd else 0,  # type: ignore[union-attr]
                     epoch=epoch,
                     step=step,
