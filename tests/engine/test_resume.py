@@ -254,3 +254,22 @@ def _run_lrs(cfg, **kwargs):  # noqa: ANN001, ANN202 - test helper
     record = lambda p: p.phase == "train" and lrs.append(p.lr)  # noqa: E731
     result = train(cfg, train_loader, val_loader, device="cpu", on_progress=record, **kwargs)
     return result, lrs
+
+
+def test_mid_epoch_resume_with_a_plain_iterable_of_batches(tmp_path: Path) -> None:
+    # Not a DataLoader: the finished batches are read again and dropped.
+    cfg = BaselineConfig(**{**CONFIGS["baseline"].to_dict(), "epochs": 2, "checkpoint_every_minutes": 1.5})
+    batches = list(_loaders()[0])
+
+    def run(**kwargs):  # noqa: ANN003, ANN202 - test helper
+        losses: list[float] = []
+        result = train(cfg, batches, device="cpu", on_progress=lambda p: losses.append(p.loss), **kwargs)
+        return result, losses
+
+    straight, straight_losses = run()
+    run(checkpoint_dir=tmp_path, max_steps=5, clock=MinuteClock())
+    assert load_checkpoint(tmp_path / "last.pt")["batch"] == 2  # after step 5: epoch 1, batch 2
+    resumed, resumed_losses = run(resume_from=tmp_path / "last.pt")
+    assert resumed_losses == straight_losses[5:]
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name

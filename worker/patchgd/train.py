@@ -21,6 +21,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data.dataloader import _DatasetKind
 
 from .checkpoint import (
     CheckpointError,
@@ -519,7 +520,8 @@ def _skip_batches(iterator: Iterator, count: int) -> None:
     inside ``persistent_workers``, whose RNGs carry over from earlier epochs.
     """
     next_index = getattr(iterator, "_next_index", None)
-    if callable(next_index) and getattr(iterator, "_num_workers", None) == 0:
+    map_style = getattr(iterator, "_dataset_kind", None) == _DatasetKind.Map  # not an IterableDataset
+    if callable(next_index) and map_style and getattr(iterator, "_num_workers", None) == 0:
         for _ in range(count):
             next_index()
         iterator._num_yielded += count  # type: ignore[attr-defined]
