@@ -1,9 +1,10 @@
 """A real crash: training is killed with SIGKILL mid-epoch and resumed in a new process.
 
 Each run is its own Python process reading a small PNG dataset from disk. The interrupted run is
-killed as soon as its first time-based checkpoint exists (the run is slowed down so that this is
-mid-epoch by construction); a new process resumes with ``resume_from="auto"`` and must end with
-weights bit-identical to an uninterrupted run's.
+killed once its first time-based checkpoint exists: it is slowed down so that this checkpoint is
+mid-epoch by construction, and then waits in the next step's progress callback to be killed, so
+no later checkpoint can race the kill. A new process resumes with ``resume_from="auto"`` and must
+end with weights bit-identical to an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def on_progress(progress):
         return
     losses.append(progress.loss)
     if mode == "slow":
+        if (checkpoints / "last.pt").exists():
+            time.sleep(600)  # one checkpoint is written: wait here, mid-epoch, for the SIGKILL
         time.sleep(0.25)
 
 result = train(
