@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import psutil
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -72,6 +73,7 @@ def test_patchgd_learns_and_reports_progress() -> None:
     result = train(
         cfg, train_loader, val_loader, device="cpu", on_progress=progress.append, on_epoch_end=epochs.append
     )
+    progress = [p for p in progress if p.phase == "train"]  # evaluation heartbeats aside
     assert result.status == "succeeded"
     assert result.epochs_completed == 4 and result.steps == 16
     assert [p.step for p in progress] == list(range(1, 17))
@@ -167,3 +169,93 @@ def test_cuda_bf16_channels_last_training() -> None:
         assert result.status == "succeeded" and next(result.model.parameters()).is_cuda
         assert all(torch.isfinite(torch.tensor(h.train_loss)) for h in result.history)
     assert all(0 < p.peak_memory_bytes < torch.cuda.get_device_properties(0).total_memory for p in progress)
+
+
+def test_every_parameter_group_reports_its_learning_rate() -> None:
+    cfg = _patchgd_cfg(epochs=1, batch_size=8, lr_backbone=1e-3, lr_head=4e-3)
+    train_loader, _ = _loaders(batch_size=8)
+    progress: list[Progress] = []
+    epochs: list[EpochMetrics] = []
+    train(cfg, train_loader, device="cpu", on_progress=progress.append, on_epoch_end=epochs.append)
+    assert len(progress) == 2
+    for p in progress + epochs:
+        assert set(p.lrs) == {"backbone", "head"} and p.lr == p.lrs["backbone"]
+    # Reported after the scheduler stepped: the rates of step 2 of 2 of warmup, each group's own.
+    assert progress[0].lrs == pytest.approx({"backbone": 1e-3, "head": 4e-3})
+    baseline = BaselineConfig(num_classes=2, backbone="resnet18", image_size=64, epochs=1, batch_size=8)
+    seen: list[Progress] = []
+    train(baseline, train_loader, device="cpu", max_steps=1, on_progress=seen.append)
+    assert set(seen[0].lrs) == {"model"} and seen[0].lr == seen[0].lrs["model"]
+
+
+def test_evaluation_heartbeats_and_can_be_cancelled() -> None:
+    cfg = _patchgd_cfg(epochs=1, batch_size=8)
+    train_set, val_set = _bright_square_dataset(8, seed=0), _bright_square_dataset(8, seed=1)
+    train_loader = DataLoader(train_set, batch_size=8)
+    val_loader = DataLoader(val_set, batch_size=2)  # 4 evaluation batches
+    seen: list[Progress] = []
+    result = train(cfg, train_loader, val_loader, device="cpu", on_progress=seen.append)
+    assert [(p.phase, p.phase_done, p.phase_total) for p in seen] == [("train", 1, 1)] + [
+        ("eval", i, 4) for i in range(1, 5)
+    ]
+    evals = [p for p in seen if p.phase == "eval"]
+    assert all(p.step == 1 and p.images_per_s > 0 and p.patches_per_s == 16 * p.images_per_s for p in evals)
+    # The last heartbeat's running loss is the epoch's validation loss.
+    assert evals[-1].loss == pytest.approx(result.history[0].val_loss)
+    # should_stop is asked before each evaluation batch too: stop after two of the four.
+    seen.clear()
+
+    def stop_after_two_eval_batches() -> bool:
+        return sum(p.phase == "eval" for p in seen) == 2
+
+    cancelled = train(
+        cfg,
+        train_loader,
+        val_loader,
+        device="cpu",
+        on_progress=seen.append,
+        should_stop=stop_after_two_eval_batches,
+    )
+    assert cancelled.status == "cancelled" and cancelled.epochs_completed == 0 and cancelled.history == []
+    assert [p.phase for p in seen] == ["train", "eval", "eval"] and cancelled.final is None
+
+
+BIG = 300 * 2**20  # far above any noise in the resident set of a test process
+
+
+class AllocatingLoader:
+    """One batch, handed out after allocating (and touching) a 300 MiB buffer and freeing it again."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+        self.rss_before = 0
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self):  # noqa: ANN204 - iterator protocol
+        self.rss_before = psutil.Process().memory_info().rss
+        buffer = torch.ones(BIG // 4)  # written, so every page is resident at once
+        del buffer  # a block this large is unmapped on free: the resident set drops again
+        yield self.images, self.labels
+
+
+def test_cpu_peak_memory_is_a_high_water_mark_not_the_current_rss() -> None:
+    data = _bright_square_dataset(4)
+    cfg = BaselineConfig(num_classes=2, backbone="mobilenet_v3_small", image_size=64, epochs=1, batch_size=4)
+    seen: list[tuple[int, int]] = []
+
+    def record(progress: Progress) -> None:
+        seen.append((progress.peak_memory_bytes, psutil.Process().memory_info().rss))
+
+    loader = AllocatingLoader(*data.tensors)
+    epochs: list[EpochMetrics] = []
+    train(cfg, loader, device="cpu", on_progress=record, on_epoch_end=epochs.append)
+    ((peak, rss_now),) = seen
+    # The resident set held the whole buffer at one moment during the epoch (less whatever else
+    # the process gave back meanwhile: a generous 10%)...
+    assert peak >= loader.rss_before + 0.9 * BIG, (peak / 2**20, loader.rss_before / 2**20)
+    # ...and the small model's step (a few tens of MiB) grows it far less than the buffer took,
+    # so afterwards the peak stays well above the current RSS, which the old report returned.
+    assert peak - rss_now > BIG / 2, (peak / 2**20, rss_now / 2**20)
+    assert epochs[0].peak_memory_bytes >= peak

@@ -9,6 +9,7 @@ the config. Everything is stored as tensors or plain Python values so that the s
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -20,6 +21,8 @@ import torch
 from .errors import CheckpointError
 
 FORMAT_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -102,3 +105,29 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path.name} is not a Tessera training checkpoint (format {FORMAT_VERSION})")
     return state
+
+
+def find_latest_checkpoint(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable checkpoint in ``directory`` (by step counter) and its state, or None.
+
+    Every ``*.pt`` file there is tried; one that cannot be read (cut short by a crash, corrupt,
+    not a checkpoint) is skipped with a warning, so a damaged ``last.pt`` falls back to the
+    ``previous.pt`` it replaced. None when the directory holds no usable checkpoint.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    best: tuple[tuple[int, int, int], Path, dict[str, Any]] | None = None
+    for path in sorted(directory.glob("*.pt")):
+        try:
+            state = load_checkpoint(path)
+            key = (int(state["step"]), int(state["epoch"]), int(state.get("batch", 0)))
+        except (CheckpointError, KeyError, TypeError, ValueError) as exc:
+            log.warning("ignoring checkpoint %s: %s", path, exc)
+            continue
+        if best is None or key > best[0]:
+            best = (key, path, state)
+    if best is None:
+        return None
+    log.info("resuming from %s (step %d)", best[1], best[0][0])
+    return best[1], best[2]

@@ -54,6 +54,8 @@ def _check_common(cfg: Any) -> None:
     _check_int("in_channels", cfg.in_channels, 1)
     if cfg.pretrained_weights is not None and not isinstance(cfg.pretrained_weights, str):
         raise ConfigError("pretrained_weights must be a file path or empty")
+    if cfg.checkpoint_every_minutes is not None:
+        _check_float("checkpoint_every_minutes", cfg.checkpoint_every_minutes, 0.0, exclusive=True)
 
 
 class _ConfigMixin:
@@ -131,6 +133,9 @@ class PatchGDConfig(_ConfigMixin):
     per_image_positions: bool = False
     pretrained_weights: str | None = None
     in_channels: int = 3
+    # Also write a checkpoint mid-epoch once this many minutes passed since the last one (None: only
+    # at epoch ends). Fractions are fine. Operational, not a hyperparameter: a resume may change it.
+    checkpoint_every_minutes: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -247,6 +252,9 @@ class BaselineConfig(_ConfigMixin):
     gradient_checkpointing: bool = False
     pretrained_weights: str | None = None
     in_channels: int = 3
+    # Also write a checkpoint mid-epoch once this many minutes passed since the last one (None: only
+    # at epoch ends). Fractions are fine. Operational, not a hyperparameter: a resume may change it.
+    checkpoint_every_minutes: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()

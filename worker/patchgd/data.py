@@ -42,6 +42,8 @@ _OPEN_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 # Streaming readers never hold the whole image, so their limit only guards against absurd headers.
 DEFAULT_MAX_STREAM_PIXELS = 1 << 40
+# make_loaders(streaming="auto") streams a file above this many pixels (below the in-memory limit).
+DEFAULT_STREAM_MIN_PIXELS = 8192 * 8192
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 SPLITS = ("train", "val", "test")
 # Whole-slide formats that only OpenSlide understands (or understands better than tifffile).
@@ -488,20 +490,48 @@ def make_loaders(
     num_workers: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     drop_last: bool = False,
+    streaming: bool | str = False,
+    patch_size: int | None = None,
+    level: int | None = None,
+    target_size: int | None = None,
+    stream_min_pixels: int = DEFAULT_STREAM_MIN_PIXELS,
 ) -> dict[str, DataLoader]:
     """Torch DataLoaders for the train/val/test splits of `index` (empty splits are left out).
 
     The training loader shuffles with a generator seeded from `seed`, so the same seed gives the
     same batch order; evaluation loaders keep the index order.
+
+    `streaming` chooses how images reach PatchGD: False resizes each image once into the cache
+    (batches of tensors); True streams every split through region reads (batches of
+    `StackedPatchSource`, see `StreamingImageDataset`; the PatchGD grid needs `patch_size`, the
+    level is `level` or the smallest one at least `target_size`, default `image_size`); "auto"
+    streams a split when any of its files `needs_streaming` (pyramidal, whole-slide, or above
+    `stream_min_pixels`). Streamed batches are for PatchGD only (the baseline needs tensors).
     """
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
+    if streaming not in (False, True, "auto"):
+        raise ValueError(f"streaming must be true, false or 'auto', got {streaming!r}")
+    if streaming and patch_size is None:
+        raise ValueError("streaming needs the PatchGD patch_size to lay the patch grid over each file")
     loaders: dict[str, DataLoader] = {}
     for split in SPLITS:
         samples = index.split(split)
         if not samples:
             continue
-        dataset = ImageFolderDataset(samples, image_size, cache_dir, max_pixels=max_pixels)
+        stream = streaming is True or (
+            streaming == "auto" and any(needs_streaming(s.path, stream_min_pixels) for s in samples)
+        )
+        dataset: Dataset
+        if stream:
+            dataset = StreamingImageDataset(
+                samples,
+                PatchGrid(image_size, patch_size),
+                level=level,
+                target_size=target_size,  # type: ignore[arg-type]
+            )
+        else:
+            dataset = ImageFolderDataset(samples, image_size, cache_dir, max_pixels=max_pixels)
         generator = torch.Generator().manual_seed(seed)
         loaders[split] = DataLoader(
             dataset,
@@ -511,6 +541,7 @@ def make_loaders(
             num_workers=num_workers,
             drop_last=drop_last and split == "train",
             persistent_workers=num_workers > 0,
+            collate_fn=collate_patch_sources if stream else None,
         )
     return loaders
 
@@ -820,3 +851,171 @@ class StreamingPatchSource:
             raise ValueError("a streaming source holds one image; indices must be [k] or [1, k]")
         stacked = np.stack([self.patch_uint8(int(i)) for i in flat.tolist()])
         return normalize_uint8(stacked).unsqueeze(0)
+
+
+# --------------------------------------------------------------------------- streaming datasets
+
+
+def needs_streaming(path: str | os.PathLike[str], min_pixels: int = DEFAULT_STREAM_MIN_PIXELS) -> bool:
+    """Whether an image should be streamed rather than decoded whole: a whole-slide file (OpenSlide
+    format), a pyramidal TIFF (more than one level), or more than `min_pixels` pixels at level 0.
+
+    Only headers are read.
+    """
+    source = Path(path)
+    if source.suffix.lower() in _OPENSLIDE_EXTENSIONS:
+        return True
+    try:
+        if _is_tiff(source):
+            with tifffile.TiffFile(source) as tif:
+                series = tif.series[0]
+                if len(series.levels) > 1:
+                    return True
+                page = series.levels[0].pages[0]
+                return int(page.imagewidth) * int(page.imagelength) > min_pixels
+        with Image.open(source) as image:
+            width, height = image.size
+    except (OSError, ValueError, IndexError, tifffile.TiffFileError, UnidentifiedImageError) as exc:
+        raise ImageError(f"{source.name}: cannot read the image header ({exc})") from exc
+    return width * height > min_pixels
+
+
+class FilePatchSource:
+    """A PatchSource for ONE image file, opened for region reads on first use (batch size 1).
+
+    Cheap to create and to pickle (a path and options), so a Dataset can hand it out from
+    DataLoader worker processes; the reader is opened in the process that reads patches. The
+    level is `level`, else the smallest level at least `target_size` (default: the grid's image
+    size) on its short side. See `StreamingPatchSource` for how the grid is laid over the level.
+    """
+
+    batch_size = 1
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        grid: PatchGrid,
+        *,
+        level: int | None = None,
+        target_size: int | None = None,
+        max_pixels: int = DEFAULT_MAX_STREAM_PIXELS,
+        backend: str | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.grid = grid
+        self.level = level
+        self.target_size = grid.image_size if target_size is None and level is None else target_size
+        self.max_pixels = max_pixels
+        self.backend = backend
+        self._source: StreamingPatchSource | None = None
+
+    def open(self) -> StreamingPatchSource:
+        """The underlying streaming source (opening the file the first time)."""
+        if self._source is None:
+            reader = open_region_reader(
+                self.path,
+                level=self.level,
+                target_size=self.target_size,
+                max_pixels=self.max_pixels,
+                backend=self.backend,
+            )
+            try:
+                self._source = StreamingPatchSource(reader, self.grid)
+            except BaseException:
+                reader.close()
+                raise
+        return self._source
+
+    def patches(self, indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Normalized float32 patches [1, k, 3, P, P] for `indices` ([k] or [1, k])."""
+        return self.open().patches(indices)
+
+    def close(self) -> None:
+        """Close the file (it is reopened if patches are asked for again)."""
+        if self._source is not None:
+            self._source.reader.close()
+            self._source = None
+
+    def __getstate__(self) -> dict:
+        # An open reader holds a file handle: a copy sent to another process opens its own.
+        return {**self.__dict__, "_source": None}
+
+
+class StackedPatchSource:
+    """A PatchSource for a batch of per-image sources (e.g. several streamed files).
+
+    Patch requests go to every image: `[k]` indices are the same positions in each, `[B, k]` gives
+    row i to image i. The result `[B, k, C, P, P]` is what the PatchGD loop encodes as one batch of
+    B * k patches, so several streamed images train together in every inner iteration.
+    """
+
+    def __init__(self, sources: Sequence) -> None:
+        if not sources:
+            raise ValueError("a stacked source needs at least one image")
+        grids = {source.grid for source in sources}
+        if len(grids) != 1:
+            raise ValueError("every image of a batch must use the same patch grid")
+        self.sources = list(sources)
+        self.grid = self.sources[0].grid
+        self.batch_size = sum(source.batch_size for source in self.sources)
+
+    def patches(self, indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Normalized float32 patches [B, k, C, P, P] for `indices` ([k] or [B, k])."""
+        indices = torch.as_tensor(indices)
+        if indices.dim() == 1:
+            return torch.cat([source.patches(indices) for source in self.sources])
+        if indices.dim() != 2 or indices.shape[0] != self.batch_size:
+            raise ValueError(f"indices must be [k] or [{self.batch_size}, k], got {tuple(indices.shape)}")
+        parts, row = [], 0
+        for source in self.sources:
+            parts.append(source.patches(indices[row : row + source.batch_size]))
+            row += source.batch_size
+        return torch.cat(parts)
+
+    def close(self) -> None:
+        """Close every image that can be closed."""
+        for source in self.sources:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+
+class StreamingImageDataset(Dataset):
+    """Labelled image files served as `(FilePatchSource, label)`: nothing is decoded up front.
+
+    For files too large (or too pyramidal) to resize in memory. Batch the items with
+    `collate_patch_sources` (what `make_loaders(..., streaming=...)` does) to get
+    `(StackedPatchSource, labels)` batches that `train` and `predict` accept like image tensors.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        grid: PatchGrid,
+        *,
+        level: int | None = None,
+        target_size: int | None = None,
+        max_pixels: int = DEFAULT_MAX_STREAM_PIXELS,
+        backend: str | None = None,
+    ) -> None:
+        self.samples = list(samples)
+        self.grid = grid
+        self.options = {
+            "level": level,
+            "target_size": target_size,
+            "max_pixels": max_pixels,
+            "backend": backend,
+        }
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[FilePatchSource, int]:
+        sample = self.samples[index]
+        return FilePatchSource(sample.path, self.grid, **self.options), sample.label
+
+
+def collate_patch_sources(items: Sequence[tuple[object, int]]) -> tuple[StackedPatchSource, torch.Tensor]:
+    """DataLoader collate function for `StreamingImageDataset`: one stacked source and the labels."""
+    sources, labels = zip(*items, strict=True)
+    return StackedPatchSource(sources), torch.tensor(labels, dtype=torch.long)

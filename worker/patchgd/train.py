@@ -7,7 +7,9 @@ schedules, progress, evaluation, checkpoints, cancellation). Read ``patchgd_step
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -19,10 +21,12 @@ import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data.dataloader import _DatasetKind
 
 from .checkpoint import (
     CheckpointError,
     capture_rng_state,
+    find_latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -249,7 +253,15 @@ def baseline_step(
 
 @dataclass
 class Progress:
-    """A snapshot sent to ``on_progress`` after every step."""
+    """A snapshot sent to ``on_progress`` after every training step and every evaluation batch.
+
+    ``lrs`` is the learning rate of each parameter group by name ("backbone" and "head" for
+    PatchGD, "model" for the baseline); ``lr`` is the first group's, kept for older readers.
+    ``phase`` is "train" or "eval"; ``phase_done`` of ``phase_total`` batches of this epoch's
+    phase are finished (``phase_total`` 0: unknown length). During "eval" the step counters,
+    fraction and ETA stay those of training, ``loss`` is the running validation loss and the
+    throughputs are the evaluation's.
+    """
 
     epoch: int
     step: int
@@ -261,11 +273,15 @@ class Progress:
     loss: float
     lr: float
     peak_memory_bytes: int
+    lrs: dict[str, float] = field(default_factory=dict)
+    phase: str = "train"
+    phase_done: int = 0
+    phase_total: int = 0
 
 
 @dataclass
 class EpochMetrics:
-    """Per-epoch results sent to ``on_epoch_end`` and kept in the run history."""
+    """Per-epoch results sent to ``on_epoch_end`` and kept in the run history (``lrs``: as in Progress)."""
 
     epoch: int
     train_loss: float
@@ -278,6 +294,7 @@ class EpochMetrics:
     patches_per_s: float
     peak_memory_bytes: int
     seconds: float
+    lrs: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
@@ -304,6 +321,10 @@ class TrainResult:
 
 
 CHECKPOINT_NAME = "last.pt"
+# The checkpoint that ``last.pt`` replaced: the fallback when the newest one is unreadable.
+PREVIOUS_CHECKPOINT_NAME = "previous.pt"
+# Config fields that only steer bookkeeping, never the arithmetic: a resumed run may change them.
+OPERATIONAL_FIELDS = frozenset({"checkpoint_every_minutes"})
 
 
 def seed_everything(seed: int) -> None:
@@ -313,41 +334,201 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_PROC_STATUS = Path("/proc/self/status")
+_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak-memory window; True when the peak really restarts from now.
+
+    CUDA: the allocator's peak statistics. CPU (Linux): writing "5" to /proc/self/clear_refs
+    resets the kernel's resident-set high-water mark (VmHWM) of this process. Where that file
+    cannot be written the CPU peak stays the process-lifetime one (still a peak, never less).
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        _PROC_CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA peak allocated bytes on a GPU; the process resident set size on CPU."""
+    """Peak memory since the last ``reset_peak_memory``: allocated bytes on CUDA, resident set on CPU.
+
+    On CPU the kernel's high-water mark (VmHWM on Linux, else ``ru_maxrss``), which catches
+    allocations freed again before anyone looked, unlike a reading of the current RSS.
+    """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(psutil.Process().memory_info().rss)
+    try:
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource  # POSIX only
+
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # Linux reports kilobytes, macOS bytes.
+        return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024
+    except ImportError:
+        return int(psutil.Process().memory_info().rss)
+
+
+def _length(loader: Iterable) -> int:
+    """Batches in a loader, 0 when it cannot tell (an iterable dataset, a generator)."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return 0
+
+
+def _close(source: object) -> None:
+    """Close the files of a streamed batch once it has been used (in-memory batches have none)."""
+    close = getattr(source, "close", None)
+    if callable(close):
+        close()
 
 
 def evaluate(
-    model: nn.Module, loader: Iterable, cfg: PatchGDConfig | BaselineConfig, device: torch.device
-) -> dict[str, Any]:
-    """Loss and classification report of ``model`` over a loader, in eval mode (no gradients)."""
+    model: nn.Module,
+    loader: Iterable,
+    cfg: PatchGDConfig | BaselineConfig,
+    device: torch.device,
+    *,
+    on_batch: Callable[[int, int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any] | None:
+    """Loss and classification report of ``model`` over a loader, in eval mode (no gradients).
+
+    ``on_batch(batches_done, images_done, mean_loss_so_far)`` is called after every batch (a
+    heartbeat for long evaluations); ``should_stop`` is checked before every batch and, when it
+    returns True, the evaluation is abandoned and None returned.
+    """
     dtype = torch.bfloat16 if cfg.use_bf16(device.type) else None
     total_loss, count = 0.0, 0
     y_true: list[int] = []
     y_pred: list[int] = []
-    for images, labels in loader:
+    for batches, (images, labels) in enumerate(loader, start=1):
+        if should_stop is not None and should_stop():
+            return None
         logits = predict_logits(model, images, device=device, autocast_dtype=dtype)
+        _close(images)
         total_loss += F.cross_entropy(logits, labels.cpu(), reduction="sum").item()
         count += labels.shape[0]
         y_true += labels.tolist()
         y_pred += logits.argmax(dim=1).tolist()
+        if on_batch is not None:
+            on_batch(batches, count, total_loss / count)
     report = classification_report(y_true, y_pred, cfg.num_classes)
     report["loss"] = total_loss / count if count else None
     return report
 
 
+def _eval_heartbeat(
+    on_progress: Callable[[Progress], None],
+    total_batches: int,
+    patches_per_image: int,
+    *,
+    device: torch.device,
+    **fixed: Any,
+) -> Callable[[int, int, float], None]:
+    """An ``evaluate`` callback that reports "eval" Progress (training counters held in ``fixed``)."""
+    started = time.perf_counter()
+
+    def report(batches: int, images: int, loss: float) -> None:
+        elapsed = time.perf_counter() - started
+        images_per_s = images / elapsed if elapsed else 0.0
+        on_progress(
+            Progress(
+                **fixed,
+                images_per_s=images_per_s,
+                patches_per_s=images_per_s * patches_per_image,
+                loss=loss,
+                peak_memory_bytes=peak_memory_bytes(device),
+                phase="eval",
+                phase_done=batches,
+                phase_total=total_batches,
+            )
+        )
+
+    return report
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The current learning rate of every parameter group, by group name."""
+    return {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
+
+
 def _check_resumable(state: dict[str, Any], cfg: PatchGDConfig | BaselineConfig) -> None:
+    """Refuse a checkpoint of another algorithm or with other hyperparameters, naming them.
+
+    Only ``epochs`` may grow (extending a run, finished or not) and the operational fields may
+    change; everything else would make the continued run something no single run could produce.
+    """
     if state.get("algorithm") != cfg.algorithm:
         raise CheckpointError(f"the checkpoint is for {state.get('algorithm')}, this run is {cfg.algorithm}")
     saved, current = state.get("config", {}), cfg.to_dict()
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    may_change = OPERATIONAL_FIELDS | {"epochs"}
+    changed = sorted(
+        k for k in set(saved) | set(current) if k not in may_change and saved.get(k) != current.get(k)
+    )
     if changed:
         raise CheckpointError(
             f"the checkpoint was written with different hyperparameters: {', '.join(changed)}"
         )
+    saved_epochs = saved.get("epochs")
+    if isinstance(saved_epochs, int) and cfg.epochs < saved_epochs:
+        raise CheckpointError(
+            f"epochs can only be extended on resume: the checkpoint's run has {saved_epochs}, "
+            f"this one {cfg.epochs}"
+        )
+
+
+def _follow_new_schedule(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR
+) -> None:
+    """Set every group's learning rate to this run's schedule at the restored step.
+
+    Needed when ``epochs`` was extended: the checkpoint holds the rate of the shorter schedule.
+    """
+    for group, base_lr, factor in zip(
+        optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # type: ignore[attr-defined]
+
+
+def _write_checkpoint(state: dict[str, Any], directory: Path) -> Path:
+    """Save ``state`` as ``directory/last.pt``, keeping the file it replaces as ``previous.pt``."""
+    path = directory / CHECKPOINT_NAME
+    if path.exists():
+        os.replace(path, directory / PREVIOUS_CHECKPOINT_NAME)
+    return save_checkpoint(state, path)
+
+
+def _skip_batches(iterator: Iterator, count: int) -> None:
+    """Advance a fresh epoch iterator past ``count`` batches (a resume from mid-epoch).
+
+    A single-process ``DataLoader`` only draws the batch indices (the same sampler draws as the
+    original run) without loading the images; any other iterable is read and the batches dropped.
+    Exactness needs the iterable to be a function of the RNG states at the epoch's start: true
+    for DataLoaders (worker seeds are drawn when the iterator is made) except random transforms
+    inside ``persistent_workers``, whose RNGs carry over from earlier epochs.
+    """
+    next_index = getattr(iterator, "_next_index", None)
+    map_style = getattr(iterator, "_dataset_kind", None) == _DatasetKind.Map  # not an IterableDataset
+    if callable(next_index) and map_style and getattr(iterator, "_num_workers", None) == 0:
+        for _ in range(count):
+            next_index()
+        iterator._num_yielded += count  # type: ignore[attr-defined]
+        return
+    for _ in range(count):
+        next(iterator)
 
 
 def train(
@@ -362,16 +543,35 @@ def train(
     checkpoint_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
     max_steps: int | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> TrainResult:
     """Train PatchGD or the baseline (by config type) and evaluate the final model.
 
     ``train_loader`` yields ``(images [B, C, S, S] normalised float32, labels [B])``; for PatchGD
-    the images may also be any ``PatchSource`` (e.g. a streaming one). A ``torch.Generator``
+    the images may also be any ``PatchSource`` (e.g. the ``StackedPatchSource`` batches of streamed
+    files from ``make_loaders(..., streaming=...)``, closed after their step). A ``torch.Generator``
     attached to the loader (``DataLoader(generator=...)``) is seeded from ``cfg.seed`` and
     checkpointed, so shuffling resumes exactly. A full-state checkpoint is written atomically to
-    ``checkpoint_dir/last.pt`` after every epoch; ``resume_from`` continues from one as if the run
-    had never stopped. ``should_stop`` is checked before every step (cancellation);
-    ``max_steps`` ends the run after that many steps in total.
+    ``checkpoint_dir/last.pt`` after every epoch, and also between steps once
+    ``cfg.checkpoint_every_minutes`` have passed (by ``clock``, in seconds) since the last one;
+    the file it replaces is kept as ``previous.pt``. ``resume_from`` continues from one as if the
+    run had never stopped, mid-epoch included; ``resume_from="auto"`` takes the newest readable
+    checkpoint in ``checkpoint_dir`` (a damaged one is skipped with a warning) or starts afresh
+    when there is none. ``should_stop`` is checked before every step
+    (cancellation); ``max_steps`` ends the run after that many steps in total.
+
+    A mid-epoch checkpoint records the epoch, the number of batches done, the losses so far and
+    two sets of RNG states: those at the start of the epoch (global and loader generator, which
+    decide the epoch's data order) and those at the checkpoint. Resuming restores the first,
+    opens the epoch's iterator and skips the finished batches (so the order is the same), then
+    restores the second and carries on.
+
+    A finished (or unfinished) run is extended by resuming it with a larger ``epochs``; every
+    other hyperparameter must match. The learning-rate schedule is the one the new ``epochs``
+    defines, applied from the restored step on: warmup (already past) is unchanged and the linear
+    decay is stretched to reach zero at the new end, so a finished run (rate 0) picks up at the
+    rate the longer schedule has at that step, exactly as if it had been planned with the new
+    ``epochs`` from there on. Earlier steps keep the rates they were trained with.
 
     Resume is bit-exact on CPU (tests/engine/test_resume.py); on CUDA it is exact up to the
     nondeterministic cuDNN kernels, which we keep for speed.
@@ -382,6 +582,14 @@ def train(
     if steps_per_epoch == 0:
         raise DatasetError("the training set is empty")
     is_patchgd = isinstance(cfg, PatchGDConfig)
+    state: dict[str, Any] = {}
+    if resume_from == "auto":
+        if checkpoint_dir is None:
+            raise ValueError('resume_from="auto" needs a checkpoint_dir to look in')
+        found = find_latest_checkpoint(checkpoint_dir)
+        resume_from, state = found if found is not None else (None, {})
+    elif resume_from is not None:
+        state = load_checkpoint(resume_from)
 
     seed_everything(cfg.seed)
     # A resumed run takes every weight from the checkpoint: the pretrained file is not needed again.
@@ -402,24 +610,34 @@ def train(
     start_epoch, step = 0, 0
     history: list[EpochMetrics] = []
     if resume_from is not None:
-        state = load_checkpoint(resume_from)
         _check_resumable(state, cfg)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state["config"].get("epochs") != cfg.epochs:
+            _follow_new_schedule(optimizer, scheduler)
         restore_rng_state(state["rng"])
         sampler.set_state(state["sampler_rng"])
         if isinstance(loader_generator, torch.Generator) and state.get("loader_rng") is not None:
             loader_generator.set_state(state["loader_rng"])
         start_epoch, step = state["epoch"], state["step"]
         history = [EpochMetrics(**item) for item in state["history"]]
+    resume_batch = int(state.get("batch", 0))
+    has_loader_generator = isinstance(loader_generator, torch.Generator)
+
+    def loader_state() -> torch.Tensor | None:
+        return loader_generator.get_state() if has_loader_generator else None  # type: ignore[union-attr]
 
     total_steps = cfg.epochs * steps_per_epoch
     if max_steps is not None:
         total_steps = min(total_steps, max_steps)
     checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    interval_s = (
+        cfg.checkpoint_every_minutes * 60.0
+        if checkpoint_path is not None and cfg.checkpoint_every_minutes is not None
+        else None
+    )
+    last_saved = clock()
     run_images = run_patches = run_steps = 0
     run_step_seconds = 0.0
     status = "succeeded"
@@ -430,9 +648,28 @@ def train(
             break
         model.train()
         epoch_started = time.perf_counter()
+        # Progress and EpochMetrics report the peak of the epoch so far.
+        reset_peak_memory(device)
         epoch_losses: list[float] = []
         batches_done = 0
-        for images, labels in train_loader:
+        skip = resume_batch if epoch == start_epoch else 0
+        if skip:
+            # Back to the epoch's start so the iterator draws the same order, then forward again.
+            epoch_rng, epoch_loader_rng = state["epoch_rng"], state["epoch_loader_rng"]
+            restore_rng_state(epoch_rng)
+            if has_loader_generator and epoch_loader_rng is not None:
+                loader_generator.set_state(epoch_loader_rng)  # type: ignore[union-attr]
+        else:
+            epoch_rng, epoch_loader_rng = capture_rng_state(), loader_state()
+        batches = iter(train_loader)
+        if skip:
+            _skip_batches(batches, skip)
+            restore_rng_state(state["rng"])
+            if has_loader_generator and state.get("loader_rng") is not None:
+                loader_generator.set_state(state["loader_rng"])  # type: ignore[union-attr]
+            batches_done = skip
+            epoch_losses = list(state["epoch_losses"])
+        for images, labels in batches:
             if should_stop is not None and should_stop():
                 status = "cancelled"
                 break
@@ -451,6 +688,7 @@ def train(
                 stats = patchgd_step(
                     model, optimizer, source, labels, cfg, scheduler=scheduler, generator=sampler
                 )
+                _close(source)
             else:
                 stats = baseline_step(model, optimizer, images, labels, cfg, scheduler=scheduler)
             step += 1
@@ -474,15 +712,72 @@ def train(
                         loss=stats.loss,
                         lr=optimizer.param_groups[0]["lr"],
                         peak_memory_bytes=peak_memory_bytes(device),
+                        lrs=group_lrs(optimizer),
+                        phase_done=batches_done,
+                        phase_total=steps_per_epoch,
                     )
                 )
+            due = interval_s is not None and clock() - last_saved >= interval_s
+            # Not after an epoch's last batch: the epoch-end checkpoint follows the evaluation.
+            if due and batches_done < steps_per_epoch:
+                _write_checkpoint(
+                    {
+                        "algorithm": cfg.algorithm,
+                        "config": cfg.to_dict(),
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": capture_rng_state(),
+                        "sampler_rng": sampler.get_state(),
+                        "loader_rng": loader_state(),
+                        "epoch": epoch,
+                        "batch": batches_done,
+                        "step": step,
+                        "epoch_rng": epoch_rng,
+                        "epoch_loader_rng": epoch_loader_rng,
+                        "epoch_losses": list(epoch_losses),
+                        "history": [item.to_dict() for item in history],
+                    },
+                    checkpoint_path.parent,  # type: ignore[union-attr]
+                )
+                last_saved = clock()
         if batches_done < steps_per_epoch:
-            # Cancelled or stopped mid-epoch: no evaluation, no checkpoint of a partial epoch.
+            # Cancelled or stopped mid-epoch: no evaluation and no epoch-end checkpoint (the last
+            # time-based one, if any, stays the newest).
             if status == "succeeded":
                 status = "stopped"
             break
 
-        val = evaluate(model, val_loader, cfg, device) if val_loader is not None else None
+        val = None
+        if val_loader is not None:
+            heartbeat = None
+            if on_progress is not None:
+                heartbeat = _eval_heartbeat(
+                    on_progress,
+                    _length(val_loader),
+                    cfg.grid.num_patches if is_patchgd else 0,  # type: ignore[union-attr]
+                    epoch=epoch,
+                    step=step,
+                    total_steps=total_steps,
+                    fraction=min(1.0, step / total_steps),
+                    eta_seconds=max(0, total_steps - step) * run_step_seconds / max(1, run_steps),
+                    lr=optimizer.param_groups[0]["lr"],
+                    lrs=group_lrs(optimizer),
+                    device=device,
+                )
+            val = evaluate(
+                model,
+                val_loader,
+                cfg,
+                device,
+                on_batch=heartbeat,
+                should_stop=should_stop,
+            )
+            if val is None:
+                # Cancelled during evaluation: the epoch is not recorded and no epoch-end
+                # checkpoint is written (a resume repeats it from the last checkpoint).
+                status = "cancelled"
+                break
         metrics = EpochMetrics(
             epoch=epoch,
             train_loss=sum(epoch_losses) / len(epoch_losses),
@@ -495,12 +790,13 @@ def train(
             patches_per_s=run_patches / run_step_seconds if run_step_seconds else 0.0,
             peak_memory_bytes=peak_memory_bytes(device),
             seconds=time.perf_counter() - epoch_started,
+            lrs=group_lrs(optimizer),
         )
         history.append(metrics)
         if checkpoint_path is not None:
             # Written after evaluation so the saved RNG state is exactly where the next epoch
             # starts (iterating a loader draws from the global RNG).
-            save_checkpoint(
+            _write_checkpoint(
                 {
                     "algorithm": cfg.algorithm,
                     "config": cfg.to_dict(),
@@ -509,15 +805,15 @@ def train(
                     "scheduler": scheduler.state_dict(),
                     "rng": capture_rng_state(),
                     "sampler_rng": sampler.get_state(),
-                    "loader_rng": loader_generator.get_state()
-                    if isinstance(loader_generator, torch.Generator)
-                    else None,
+                    "loader_rng": loader_state(),
                     "epoch": epoch + 1,
+                    "batch": 0,
                     "step": step,
                     "history": [item.to_dict() for item in history],
                 },
-                checkpoint_path,
+                checkpoint_path.parent,
             )
+            last_saved = clock()
         if on_epoch_end is not None:
             on_epoch_end(metrics)
         if status != "succeeded":
