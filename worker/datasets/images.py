@@ -127,18 +127,15 @@ def _tiff_header(
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             pages = [level.keyframe for level in series.levels]
-            for level, level_series in enumerate(series.levels):
-                for page in level_series.pages:
-                    if page is None:
-                        continue
-                    for offset, count in zip(page.dataoffsets, page.databytecounts, strict=False):
-                        if count and offset + count > size:
-                            raise _fail(
-                                rel,
-                                "corrupt_image",
-                                f"TIFF level {level} has image data at bytes {offset:,}-{offset + count:,}, "
-                                f"past the end of the {size:,}-byte file (truncated or damaged)",
-                            )
+            for number, page in enumerate(tif.pages):
+                for offset, count in zip(page.dataoffsets, page.databytecounts, strict=False):
+                    if count and offset + count > size:
+                        raise _fail(
+                            rel,
+                            "corrupt_image",
+                            f"TIFF page {number} has image data at bytes {offset:,}-{offset + count:,}, "
+                            f"past the end of the {size:,}-byte file (truncated or damaged)",
+                        )
             levels = tuple((int(p.imagewidth), int(p.imagelength)) for p in pages)
             return levels, _tiff_mpp(tif.pages[0])
     except ImageProblem:
