@@ -144,7 +144,10 @@ def write_svs(path: Path, size: int = 512, *, mpp: float = 0.499) -> Path:
 
     rng = np.random.default_rng(size)
     pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-    head = f"Aperio Image Library v12.0.15\r\n{size}x{size} [0,0 {size}x{size}] (256x256) RGB|AppMag = 20|MPP = {mpp}"
+    head = (
+        f"Aperio Image Library v12.0.15\r\n{size}x{size} [0,0 {size}x{size}] (256x256) RGB"
+        f"|AppMag = 20|MPP = {mpp}"
+    )
     with tifffile.TiffWriter(path) as writer:
         writer.write(
             pixels, tile=(256, 256), photometric="rgb", compression="zlib", description=head, metadata=None

@@ -163,8 +163,9 @@ def validate_folder(
         if on_progress is not None:
             on_progress(done + 1, len(to_check), "checking")
 
-    # Class rules (on the labels, whatever the images turned out to be).
-    if len(classes) < 2:
+    # Class rules (on the labels, whatever the images turned out to be); when no label could be
+    # read at all, the problems above already say why.
+    if len(classes) < 2 and (classes or not problems):
         found = f"found {len(classes)}" + (f" ({classes[0]})" if classes else "")
         problems.add(problem("", "too_few_classes", f"the dataset needs at least 2 classes, {found}"))
     for name in classes:
