@@ -338,3 +338,23 @@ def test_extract_archive_refusal_removes_the_destination(tmp_path: Path) -> None
         extract_archive(upload, tmp_path / "out")
     assert [p.code for p in refused.value.problems] == ["unsafe_path"]
     assert tree(tmp_path) == {"a.zip"}
+
+
+def test_zip_entries_sharing_their_data_are_refused(sandbox) -> None:
+    # An overlapping-entries bomb points many directory records at the same compressed data.
+    upload = write_zip(sandbox.upload_dir / "overlap.zip", {**good_entries(), "cat/z.png": image_bytes()})
+    blob = bytearray(upload.read_bytes())
+    records = []
+    start = 0
+    while (start := blob.find(b"PK\x01\x02", start)) >= 0:
+        records.append(start)
+        start += 4
+    first_offset = struct.unpack_from("<L", blob, records[0] + 42)[0]
+    struct.pack_into("<L", blob, records[-1] + 42, first_offset)
+    upload.write_bytes(bytes(blob))
+
+    report = sandbox.validate(upload)
+
+    assert codes(report) == [("cat/z.png", "corrupt_archive")]
+    assert "overlapping" in report.problems[0].message
+    sandbox.assert_clean(upload)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from worker.datasets import DatasetLimits, ValidationCancelled, validate_upload
+from worker.datasets import DatasetLimits, ValidationCancelled, validate_folder, validate_upload
 from worker.datasets.problems import HINTS
 
 from .builders import (
@@ -312,3 +312,19 @@ def test_docs_describe_every_problem_code() -> None:
     text = (ROOT / "docs" / "datasets.md").read_text()
     missing = [code for code in HINTS if f"`{code}`" not in text]
     assert not missing
+
+
+def test_validating_a_folder_in_place_reports_links_instead_of_following_them(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for name, data in good_entries().items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "x.png").write_bytes(image_bytes())
+    (root / "cat" / "outside.png").symlink_to(secret / "x.png")
+    (root / "dog" / "outside").symlink_to(secret)
+
+    report = validate_folder(root, tmp_path / "thumbs")
+
+    assert sorted(codes(report)) == [("cat/outside.png", "link_entry"), ("dog/outside", "link_entry")]

@@ -376,6 +376,7 @@ class _Extractor:
         self.zip_prescan(raw, size)
         with zipfile.ZipFile(raw) as archive:
             raw.bytes_read = 0  # from here on, only member reads count as compressed input
+            offsets: set[int] = set()
             for info in archive.infolist():
                 self.count_entry()
                 parts = self.safe_parts(info.orig_filename)
@@ -409,11 +410,25 @@ class _Extractor:
                 target = self.claim_file(parts)
                 if target is None:
                     continue
-                try:
-                    with archive.open(info) as member:
-                        self.write(target, member.read, count_bytes=True)
-                except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError) as exc:
-                    raise _Fatal(problem(rel, "corrupt_archive", f"cannot be extracted: {exc}")) from exc
+                if info.header_offset in offsets:
+                    raise _Fatal(
+                        problem(
+                            rel, "corrupt_archive", "shares its data with another entry (overlapping entries)"
+                        )
+                    )
+                offsets.add(info.header_offset)
+                with self._zip_member(archive, info, rel) as member:
+                    self.write(target, _reading(member.read, rel), count_bytes=True)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, rel: str):
+        try:
+            member = archive.open(info)
+        except (zipfile.BadZipFile, NotImplementedError, OSError, EOFError) as exc:
+            raise _Fatal(problem(rel, "corrupt_archive", f"cannot be extracted: {exc}")) from exc
+        with member:
+            yield member
 
     # ---------------------------------------------------------------- tar
 
@@ -468,6 +483,19 @@ class _Extractor:
                     continue
                 data = archive.extractfile(member)
                 self.write(target, data.read, count_bytes=False)
+
+
+def _reading(read: Callable[[int], bytes], rel: str) -> Callable[[int], bytes]:
+    """`read`, with decompression and CRC errors turned into a refusal naming the entry (errors
+    writing to our own disk are not the archive's fault and are left to propagate)."""
+
+    def checked(n: int) -> bytes:
+        try:
+            return read(n)
+        except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError) as exc:
+            raise _Fatal(problem(rel, "corrupt_archive", f"cannot be extracted: {exc}")) from exc
+
+    return checked
 
 
 def _padded(size: int) -> int:

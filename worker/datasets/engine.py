@@ -10,25 +10,21 @@ from __future__ import annotations
 
 from worker.patchgd.data import (
     DEFAULT_MAX_PIXELS,
-    IMAGE_EXTENSIONS,
     SPLITS,
     ImageError,
-    RegionReader,
     open_image,
     open_region_reader,
 )
 
 # Whole-slide formats read through OpenSlide: single-file formats only, since a dataset entry is
-# one file (MRXS and VMS keep their pixels in a side folder).
-SLIDE_EXTENSIONS = frozenset({".svs", ".ndpi", ".scn", ".bif", ".svslide"})
+# one file (MRXS and VMS keep their pixels in a side folder), and TIFF-based ones only.
+SLIDE_EXTENSIONS = frozenset({".svs", ".ndpi", ".scn", ".bif"})
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
-    "IMAGE_EXTENSIONS",
     "SLIDE_EXTENSIONS",
     "SPLITS",
     "ImageError",
-    "RegionReader",
     "open_image",
     "open_region_reader",
     "slide_properties",

@@ -32,14 +32,15 @@ class Layout:
 
 
 def list_files(root: Path) -> list[str]:
-    """Every regular file under `root` as a sorted relative POSIX path (hidden ones left out)."""
+    """Every file (and link) under `root` as a sorted relative POSIX path (hidden ones left out)."""
     found = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         base = PurePosixPath(Path(folder).relative_to(root).as_posix())
-        found.extend(
-            str(base / name) if str(base) != "." else name for name in files if not name.startswith(".")
-        )
+        # Links to folders are not walked into; they are listed so that they are reported.
+        links = [d for d in dirs if os.path.islink(os.path.join(folder, d))]
+        names = [n for n in [*files, *links] if not n.startswith(".")]
+        found.extend(str(base / name) if str(base) != "." else name for name in names)
     return sorted(found)
 
 

@@ -115,7 +115,13 @@ def validate_folder(
     limits = limits or DatasetLimits()
     problems = ProblemList(limits.max_problems)
     start = dataset_root(root)
-    files = list_files(start)
+    files = []
+    for rel in list_files(start):
+        # Extraction never creates links; a folder validated in place might hold some.
+        if (start / rel).is_symlink():
+            problems.add(problem(rel, "link_entry", "is a link; links are not followed"))
+        else:
+            files.append(rel)
     images = [f for f in files if PurePosixPath(f).suffix.lower() in IMAGE_SUFFIXES]
     others = {f for f in files if f not in images and f != "labels.csv"}
     for rel in sorted(others):
