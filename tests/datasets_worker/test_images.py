@@ -105,3 +105,20 @@ def test_problem_list_is_capped_with_a_count_of_the_rest(sandbox) -> None:
 
     assert [p.code for p in report.problems] == ["content_mismatch"] * 5 + ["too_many_problems"]
     assert "7 more problem(s)" in report.problems[-1].message
+
+
+def test_a_large_tiff_that_cannot_be_streamed_is_named(sandbox, tmp_path: Path) -> None:
+    import numpy as np
+
+    path = tmp_path / "deep.tif"
+    tifffile.imwrite(path, np.zeros((256, 256, 3), np.uint16), tile=(64, 64), photometric="rgb")
+    entries = {**good_entries(), "dog/deep.tif": path.read_bytes()}
+    path.unlink()
+    upload = write_zip(sandbox.upload_dir / "deep.zip", entries)
+
+    # Above the in-memory limit, so it would have to be streamed: 16-bit TIFF cannot be.
+    report = sandbox.validate(upload, DatasetLimits(max_pixels=128 * 128))
+
+    assert codes(report) == [("dog/deep.tif", "unsupported_tiff")]
+    assert "8-bit" in report.problems[0].message
+    sandbox.assert_clean(upload)

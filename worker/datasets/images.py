@@ -145,10 +145,10 @@ def _tiff_header(
 
 
 def _save_thumbnail(image: Image.Image, target: Path, size: int) -> None:
-    thumb = image.copy()
-    thumb.thumbnail((size, size), Image.Resampling.BOX)
+    """Shrink `image` in place (its pixels are not needed afterwards) and save it as a JPEG."""
+    image.thumbnail((size, size), Image.Resampling.BOX)
     target.parent.mkdir(parents=True, exist_ok=True)
-    thumb.convert("RGB").save(target, "JPEG", quality=85)
+    image.convert("RGB").save(target, "JPEG", quality=85)
 
 
 def _region_thumbnail(reader, limits: DatasetLimits, target: Path | None) -> None:
@@ -198,9 +198,9 @@ def check_image(path: Path, rel: str, limits: DatasetLimits, thumbnail: Path | N
         image = open_image(path, max_pixels=limits.max_pixels)
     except ImageError as exc:
         raise _fail(rel, "corrupt_image", _strip_name(str(exc), path.name)) from exc
+    width, height = image.size
     if thumbnail is not None:
         _save_thumbnail(image, thumbnail, limits.thumbnail_size)
-    width, height = image.size
     return ImageInfo(format=kind, width=width, height=height, levels=levels or ((width, height),), mpp=mpp)
 
 
@@ -240,10 +240,19 @@ def _check_large_tiff(path, rel, levels, mpp, limits, thumbnail) -> ImageInfo:
         with open_region_reader(path, backend="tifffile", max_pixels=limits.max_slide_pixels) as reader:
             _region_thumbnail(reader, limits, thumbnail)
     except ImageError as exc:
-        raise _fail(rel, "corrupt_image", _strip_name(str(exc), path.name)) from exc
+        raise _reader_problem(rel, _strip_name(str(exc), path.name)) from exc
     except Exception as exc:  # a tile that does not decode
         raise _fail(rel, "corrupt_image", f"a tile of the smallest level cannot be decoded ({exc})") from exc
     return ImageInfo(format="TIFF", width=width, height=height, levels=levels, mpp=mpp)
+
+
+def _reader_problem(rel: str, message: str) -> ImageProblem:
+    """The engine's streaming reader refuses a TIFF: too large, unreadable, or a kind it cannot stream."""
+    if "exceeds the limit" in message:
+        return _fail(rel, "image_too_large", message)
+    if "not a readable TIFF" in message:
+        return _fail(rel, "corrupt_image", message)
+    return _fail(rel, "unsupported_tiff", message)
 
 
 def _check_slide(path: Path, rel: str, size: int, limits: DatasetLimits, thumbnail: Path | None) -> ImageInfo:

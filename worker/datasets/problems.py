@@ -33,6 +33,8 @@ HINTS: dict[str, str] = {
     "extension of its real format.",
     "image_too_large": "Downscale the image, or save it as a tiled pyramidal TIFF, which is read region "
     "by region.",
+    "unsupported_tiff": "Images too large to decode whole are read tile by tile: save them as 8-bit RGB "
+    "(or grey) interleaved, tiled pyramidal TIFF.",
     "corrupt_image": "The image is damaged or truncated: export or copy it again.",
     "unreadable_slide": "Check that the slide opens in a viewer (e.g. QuPath) and upload it again.",
     # labels and classes
