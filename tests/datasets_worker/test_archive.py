@@ -78,6 +78,17 @@ def test_nul_byte_in_a_zip_name_is_refused(sandbox) -> None:
     sandbox.assert_clean(upload)
 
 
+def test_nul_byte_in_a_tar_pax_path_is_refused(sandbox) -> None:
+    info, data = tar_member("cat/x.png", image_bytes())
+    info.pax_headers = {"path": "cat/ev\x00il.png"}
+    upload = write_tar(sandbox.upload_dir / "nul.tar", good_entries(), mode="w", extra=[(info, data)])
+
+    report = sandbox.validate(upload)
+
+    assert codes(report) == [("cat/ev\\x00il.png", "unsafe_path")]
+    sandbox.assert_clean(upload)
+
+
 def test_tar_symlink_hardlink_and_special_files_are_refused(sandbox, tmp_path: Path) -> None:
     extra = [
         tar_member("cat/link.png", type=tarfile.SYMTYPE, linkname=str(tmp_path / "evil_target")),
