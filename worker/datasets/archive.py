@@ -263,8 +263,9 @@ class _Extractor:
         if rel in self.files:
             self.problems.add(problem(rel, "duplicate_entry", "is both a file and a folder in the archive"))
             return
-        self.dirs.add(rel)
-        (self.dest / rel).mkdir(parents=True, exist_ok=True)
+        if rel not in self.dirs:
+            self.dirs.add(rel)
+            (self.dest / rel).mkdir(parents=True, exist_ok=True)
 
     def claim_file(self, parts: tuple[str, ...]) -> str | None:
         """The relative path a regular file may be written to, or None (and a problem)."""
