@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--slides", type=int, default=4)
     parser.add_argument("--slide-size", type=int, default=8192)
     parser.add_argument("--bomb-gib", type=int, default=4)
-    parser.add_argument("--name", default="datasets_cpu")
+    parser.add_argument("--name", default="datasets")
     args = parser.parse_args()
 
     rows = []
@@ -146,7 +146,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             rows.append(scenario(Path(folder)))
             print_table(rows[-1:], list(rows[-1]))
-    path = write_json(args.name, {"machine": machine("cpu"), "rows": rows})
+    path = write_json(args.name, {"benchmark": "datasets", "machine": machine("cpu"), "rows": rows})
     print(f"wrote {path}")
 
 
