@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import tifffile
 
 from worker.datasets import DatasetLimits
 
-from .builders import codes, good_entries, image_bytes, png_claiming, write_tiff, write_zip
+from .builders import (
+    codes,
+    good_entries,
+    image_bytes,
+    png_claiming,
+    write_pyramidal_tiff,
+    write_tiff,
+    write_zip,
+)
 
 
 def _tiff_with_tiles_past_the_end(tmp_path: Path) -> bytes:
@@ -122,3 +131,27 @@ def test_a_large_tiff_that_cannot_be_streamed_is_named(sandbox, tmp_path: Path) 
     assert codes(report) == [("dog/deep.tif", "unsupported_tiff")]
     assert "8-bit" in report.problems[0].message
     sandbox.assert_clean(upload)
+
+
+def test_a_pyramid_whose_smallest_level_does_not_decode_is_corrupt(sandbox, tmp_path: Path) -> None:
+    path = write_pyramidal_tiff(tmp_path / "p.tif", 1024, tile=256)
+    with tifffile.TiffFile(path) as tif:
+        smallest = tif.series[0].levels[-1].keyframe
+        offset, count = smallest.dataoffsets[0], smallest.databytecounts[0]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + count] = bytes(count)  # zeros are not a zlib stream
+    path.unlink()
+    upload = write_zip(sandbox.upload_dir / "p.zip", {**good_entries(), "cat/p.tif": bytes(data)})
+
+    report = sandbox.validate(upload, DatasetLimits(max_pixels=512 * 512))
+
+    assert codes(report) == [("cat/p.tif", "corrupt_image")]
+    assert "smallest level" in report.problems[0].message
+    sandbox.assert_clean(upload)
+
+
+def test_limits_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_files"):
+        DatasetLimits(max_files=0)
+    with pytest.raises(ValueError, match="max_compression_ratio"):
+        DatasetLimits(max_compression_ratio=0.5)
