@@ -155,3 +155,20 @@ def test_limits_must_be_positive() -> None:
         DatasetLimits(max_files=0)
     with pytest.raises(ValueError, match="max_compression_ratio"):
         DatasetLimits(max_compression_ratio=0.5)
+
+
+def test_a_tiff_with_more_pages_than_the_limit_is_refused(sandbox, tmp_path: Path) -> None:
+    import numpy as np
+
+    path = tmp_path / "stack.tif"
+    with tifffile.TiffWriter(path) as writer:
+        for _ in range(6):
+            writer.write(np.zeros((16, 16, 3), np.uint8), photometric="rgb", metadata=None)
+    entries = {**good_entries(), "cat/stack.tif": path.read_bytes()}
+    path.unlink()
+    upload = write_zip(sandbox.upload_dir / "stack.zip", entries)
+
+    report = sandbox.validate(upload, DatasetLimits(max_tiff_pages=4))
+
+    assert codes(report) == [("cat/stack.tif", "unsupported_tiff")]
+    assert "more than 4 pages" in report.problems[0].message

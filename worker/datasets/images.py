@@ -120,7 +120,7 @@ def _tiff_mpp(page) -> tuple[float, float] | None:
 
 
 def _tiff_header(
-    path: Path, rel: str, size: int
+    path: Path, rel: str, size: int, max_pages: int
 ) -> tuple[tuple[tuple[int, int], ...], tuple[float, float] | None]:
     """Pyramid level sizes and µm/px from a TIFF header; every tile must lie inside the file."""
     try:
@@ -128,6 +128,12 @@ def _tiff_header(
             series = tif.series[0]
             pages = [level.keyframe for level in series.levels]
             for number, page in enumerate(tif.pages):
+                if number >= max_pages:
+                    raise _fail(
+                        rel,
+                        "unsupported_tiff",
+                        f"has more than {max_pages:,} pages (a pyramid has a few dozen)",
+                    )
                 for offset, count in zip(page.dataoffsets, page.databytecounts, strict=False):
                     if count and offset + count > size:
                         raise _fail(
@@ -187,7 +193,7 @@ def check_image(path: Path, rel: str, limits: DatasetLimits, thumbnail: Path | N
     if suffix in SLIDE_EXTENSIONS:
         return _check_slide(path, rel, size, limits, thumbnail)
     if kind == "TIFF":
-        levels, mpp = _tiff_header(path, rel, size)
+        levels, mpp = _tiff_header(path, rel, size, limits.max_tiff_pages)
         width, height = levels[0]
         if width * height > limits.max_pixels:
             return _check_large_tiff(path, rel, levels, mpp, limits, thumbnail)
@@ -257,7 +263,7 @@ def _reader_problem(rel: str, message: str) -> ImageProblem:
 
 def _check_slide(path: Path, rel: str, size: int, limits: DatasetLimits, thumbnail: Path | None) -> ImageInfo:
     """A whole-slide file: tile offsets from the TIFF header, then OpenSlide (levels, µm/px, thumbnail)."""
-    _tiff_header(path, rel, size)
+    _tiff_header(path, rel, size, limits.max_tiff_pages)
     try:
         properties = slide_properties(os.fspath(path))
         with open_region_reader(path, backend="openslide", max_pixels=limits.max_slide_pixels) as reader:

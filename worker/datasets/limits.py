@@ -30,6 +30,8 @@ class DatasetLimits:
     # slide or pyramidal TIFF (read by header, never decoded whole).
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_slide_pixels: int = 1 << 36
+    # Pages (IFDs) of one TIFF: pyramids and slides have a few dozen at most.
+    max_tiff_pages: int = 1024
     # A slide's thumbnail is read from its smallest level, if that level is at most this big.
     max_thumbnail_source_pixels: int = 1 << 25
     thumbnails_per_class: int = 4
