@@ -328,3 +328,10 @@ def test_validating_a_folder_in_place_reports_links_instead_of_following_them(tm
     report = validate_folder(root, tmp_path / "thumbs")
 
     assert sorted(codes(report)) == [("cat/outside.png", "link_entry"), ("dog/outside", "link_entry")]
+
+
+def test_bad_split_fractions_are_refused_before_any_work(sandbox) -> None:
+    upload = write_zip(sandbox.upload_dir / "f.zip", good_entries())
+    with pytest.raises(ValueError, match="sum to less than 1"):
+        sandbox.validate(upload, val_fraction=0.6, test_fraction=0.5)
+    assert not sandbox.dataset.exists()

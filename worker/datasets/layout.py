@@ -188,13 +188,18 @@ def class_mapping(labels: list[str]) -> tuple[list[str], str]:
     return names, "names"
 
 
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Raise ValueError unless both fractions are >= 0 and leave room for training images."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError("val_fraction and test_fraction must be >= 0 and sum to less than 1")
+
+
 def seeded_split(
     paths_by_class: dict[str, list[str]], val_fraction: float, test_fraction: float, seed: int
 ) -> dict[str, str]:
     """A stratified split drawn from `seed` (same files and seed, same split); every class keeps
     at least one training image."""
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError("val_fraction and test_fraction must be >= 0 and sum to less than 1")
+    check_fractions(val_fraction, test_fraction)
     rng = np.random.default_rng(seed)
     splits: dict[str, str] = {}
     for name in sorted(paths_by_class):

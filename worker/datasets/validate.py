@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from .archive import ProgressFn, StopFn, archive_kind, extract_archive
 from .images import IMAGE_SUFFIXES, ImageInfo, ImageProblem, check_image
-from .layout import class_mapping, dataset_root, list_files, read_layout, seeded_split
+from .layout import check_fractions, class_mapping, dataset_root, list_files, read_layout, seeded_split
 from .limits import DatasetLimits
 from .problems import ArchiveRefused, Problem, ProblemList, ValidationCancelled, problem
 
@@ -113,6 +113,7 @@ def validate_folder(
     asked before each file and raises `ValidationCancelled`.
     """
     limits = limits or DatasetLimits()
+    check_fractions(val_fraction, test_fraction)
     problems = ProblemList(limits.max_problems)
     start = dataset_root(root)
     files = []
@@ -123,7 +124,7 @@ def validate_folder(
         else:
             files.append(rel)
     images = [f for f in files if PurePosixPath(f).suffix.lower() in IMAGE_SUFFIXES]
-    others = {f for f in files if f not in images and f != "labels.csv"}
+    others = set(files) - set(images) - {"labels.csv"}
     for rel in sorted(others):
         suffix = PurePosixPath(rel).suffix.lower() or "a file without extension"
         problems.add(problem(rel, "unsupported_format", f"{suffix} is not a supported image format"))
@@ -238,6 +239,7 @@ def validate_upload(
     the upload itself is never modified.
     """
     limits = limits or DatasetLimits()
+    check_fractions(val_fraction, test_fraction)
     dataset = Path(dataset_dir)
     images_dir, thumbnails_dir = dataset / IMAGES_DIR, dataset / THUMBNAILS_DIR
     for folder in (images_dir, thumbnails_dir):
