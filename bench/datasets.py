@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image
 
 from bench.common import machine, print_table, write_json
+from tests.datasets_worker.builders import tar_gz_of_many_entries, write_pyramidal_tiff
 from worker.datasets import DatasetLimits, validate_upload
-from worker.patchgd.data import write_pyramidal_tiff
 
 
 def _jpeg(rng: np.random.Generator, size: int) -> bytes:
@@ -86,8 +86,6 @@ def pyramid_archive(work: Path, slides: int, size: int) -> dict[str, Any]:
 
 
 def million_entries(work: Path) -> dict[str, Any]:
-    from tests.datasets_worker.builders import tar_gz_of_many_entries
-
     upload = tar_gz_of_many_entries(work / "million.tar.gz", 1_000_000)
     # Its 512-byte headers compress far beyond the default ratio, which would refuse it first;
     # the ratio is lifted here so that the row shows the count cap at work.
@@ -134,6 +132,8 @@ def main() -> None:
     parser.add_argument("--bomb-gib", type=int, default=4)
     parser.add_argument("--name", default="datasets")
     args = parser.parse_args()
+    if args.slides < 4 or args.images < 4:
+        parser.error("--slides and --images must be at least 4 (two classes of two images at least)")
 
     rows = []
     scenarios = [
