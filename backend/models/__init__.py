@@ -1,16 +1,24 @@
 """SQLAlchemy models, one module per table; importing this package registers them all."""
 
 from backend.models.api_token import TOKEN_NAME_MAX_LENGTH, ApiToken, TokenKind
+from backend.models.backbone import BACKBONE_NAME_MAX_LENGTH, Backbone, BackboneStatus
 from backend.models.base import Base, utcnow
+from backend.models.dataset import DATASET_NAME_MAX_LENGTH, Dataset, DatasetStatus
 from backend.models.login_attempt import LoginAttempt
 from backend.models.user import USERNAME_MAX_LENGTH, Role, User
 from backend.models.user_session import SESSION_ID_LENGTH, UserSession
 
 __all__ = [
+    "BACKBONE_NAME_MAX_LENGTH",
+    "DATASET_NAME_MAX_LENGTH",
     "SESSION_ID_LENGTH",
     "TOKEN_NAME_MAX_LENGTH",
     "USERNAME_MAX_LENGTH",
     "ApiToken",
+    "Backbone",
+    "BackboneStatus",
+    "Dataset",
+    "DatasetStatus",
     "Base",
     "LoginAttempt",
     "Role",
