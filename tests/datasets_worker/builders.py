@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from worker.patchgd.data import write_pyramidal_tiff
+from worker.patchgd.testing import write_pyramidal_tiff
 
 __all__ = ["write_pyramidal_tiff"]
 
