@@ -68,6 +68,9 @@ class Settings(BaseSettings):
         default=60, ge=0, description="How often a session's last-seen time is written (fewer writes)."
     )
     health_broker_timeout_seconds: float = Field(default=2.0, gt=0, description="Broker timeout in /healthz.")
+    broker_timeout_seconds: float = Field(
+        default=3.0, gt=0, description="Connect and socket timeout of every enqueue from the web process."
+    )
 
     # Limits on what users send (uploads and the engine's readers)
     max_upload_bytes: int = Field(default=20 * 1024**3, ge=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
@@ -10,7 +11,7 @@ from sqlalchemy import text
 from backend.api.deps import SettingsDep
 from backend.config import Settings
 from backend.db import get_engine
-from backend.queue import broker_reachable
+from backend.queue import broker_reachable_cached
 
 router = APIRouter(tags=["operations"])
 
@@ -25,10 +26,14 @@ def _database_ok(settings: Settings) -> bool:
 
 
 @router.get("/healthz")
-def healthz(settings: SettingsDep) -> JSONResponse:
-    """Database and broker status: 200 when both answer, 503 otherwise."""
-    database = _database_ok(settings)
-    broker = broker_reachable(settings, timeout=settings.health_broker_timeout_seconds)
+async def healthz(settings: SettingsDep) -> JSONResponse:
+    """Database and broker status: 200 when both answer, 503 otherwise.
+
+    Async so that a slow broker never holds a request thread: the broker probe runs in its own
+    thread, one at a time, and this waits for it at most about the configured timeout.
+    """
+    database = await run_in_threadpool(_database_ok, settings)
+    broker = await broker_reachable_cached(settings, timeout=settings.health_broker_timeout_seconds)
     healthy = database and broker
     body = {
         "status": "ok" if healthy else "unavailable",
