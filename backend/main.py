@@ -22,6 +22,7 @@ from backend.api import API_PREFIX, build_api_router, health
 from backend.config import Settings, get_settings
 from backend.db import session_scope
 from backend.errors import AppError, Unauthorized
+from backend.limits import ConcurrencyLimitMiddleware, configure_threads
 from backend.observability import HttpMetrics, ObservabilityMiddleware, configure_logging
 from backend.services.auth import Viewer, resolve_principal
 from backend.web import build_web_router
@@ -168,6 +169,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         """Prepare what the first requests would otherwise race for."""
         settings.resolved_secret_key()  # create the key file before the first request races for it
+        configure_threads(settings.web_concurrency)
         yield
 
     app = FastAPI(
@@ -181,6 +183,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = HttpMetrics()
+    # Added first, so it runs inside the observability middleware: logged latencies include the wait.
+    app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.web_concurrency)
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics)
     app.add_exception_handler(AppError, _app_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from backend import csrf
 from backend.config import Settings
-from backend.db import get_session
+from backend.db import end_transaction, get_session
 from backend.errors import Forbidden, NotFound, Unauthorized
 from backend.models import User
 from backend.services.auth import Principal, Viewer, resolve_principal
@@ -50,6 +50,9 @@ def get_optional_principal(
         session_cookie=request.cookies.get(settings.session_cookie_name),
     )
     request.state.viewer = Viewer.of(principal) if principal else None
+    # Authentication is its own short transaction: the connection goes back to the pool before
+    # the endpoint waits for its thread.
+    end_transaction(session)
     return principal
 
 
