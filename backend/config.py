@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(
         default=1, ge=1, description="Celery worker processes started by `serve`."
     )
+    web_concurrency: int = Field(
+        default=32,
+        ge=1,
+        description="Requests the web process works on at once (its database pool has as many "
+        "connections, plus a few spare); more wait in line.",
+    )
     log_level: str = "INFO"
     log_json: bool = Field(default=False, description="Log one JSON object per line instead of text.")
 
@@ -86,6 +92,9 @@ class Settings(BaseSettings):
     metrics_token: str = Field(
         default="",
         description="When set, /metrics requires `Authorization: Bearer <it>`; empty: /metrics is open.",
+    )
+    broker_timeout_seconds: float = Field(
+        default=3.0, gt=0, description="Connect and socket timeout of every enqueue from the web process."
     )
 
     # Limits on what users send (uploads and the engine's readers)

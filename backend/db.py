@@ -15,8 +15,9 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Executable, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend.config import Settings
@@ -28,13 +29,27 @@ MIGRATIONS_DIR = REPO_ROOT / "migrations"
 # SQLite waits this long for a competing writer (API, worker, beat) before "database is locked".
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 AFTER_COMMIT_KEY = "after_commit_callbacks"
+#: Connections beyond the pool size, for the requests that bypass the admission line.
+POOL_SPARE_CONNECTIONS = 8
 
 _engines: dict[str, Engine] = {}
 _factories: dict[str, sessionmaker[Session]] = {}
 _lock = Lock()
 
 
-def create_db_engine(url: str) -> Engine:
+def pool_arguments(pool_size: int | None) -> dict[str, Any]:
+    """Pool sizing for ``pool_size`` concurrent users (SQLAlchemy's default, 5 + 10, when None).
+
+    The web process passes its admission limit (:mod:`backend.limits`): every admitted request
+    can hold a connection and the paths that bypass the line have spare ones, so no request ever
+    waits for the pool while holding a thread another request needs.
+    """
+    if pool_size is None:
+        return {}
+    return {"pool_size": pool_size, "max_overflow": POOL_SPARE_CONNECTIONS}
+
+
+def create_db_engine(url: str, pool_size: int | None = None) -> Engine:
     """Build an engine for ``url`` with the connection settings Tessera relies on.
 
     SQLite gets WAL journaling (readers never block the writer), enforced foreign keys and a busy
@@ -46,7 +61,8 @@ def create_db_engine(url: str) -> Engine:
         database = parsed.database
         if database and database != ":memory:" and not database.startswith("file:"):
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False})
+        pooling = pool_arguments(pool_size) if database and database != ":memory:" else {}
+        engine = create_engine(url, connect_args={"check_same_thread": False}, **pooling)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -57,7 +73,7 @@ def create_db_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **pool_arguments(pool_size))
 
 
 def get_engine(settings: Settings) -> Engine:
@@ -66,7 +82,7 @@ def get_engine(settings: Settings) -> Engine:
     with _lock:
         engine = _engines.get(url)
         if engine is None:
-            engine = create_db_engine(url)
+            engine = create_db_engine(url, pool_size=settings.web_concurrency)
             _engines[url] = engine
             _factories[url] = sessionmaker(bind=engine, expire_on_commit=False)
         return engine
@@ -117,6 +133,44 @@ def session_scope(settings: Settings) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def touch_quietly(session: Session, statement: Executable) -> bool:
+    """Run one bookkeeping write (a last-used time) in its own short transaction, or skip it.
+
+    Reads must never wait on writes: the session's current transaction is committed first (which
+    also returns its connection to the pool), and the write gives up at once when another writer
+    holds the lock. On SQLite the lock wait is switched off for this statement; on Postgres the
+    statement must pick its row with ``FOR UPDATE SKIP LOCKED`` (it then changes nothing). Returns
+    True when the statement ran and committed.
+    """
+    session.commit()
+    # A connection of its own, outside the ORM session: a rollback here must not expire the
+    # objects the request already loaded. The session holds none right now.
+    with session.get_bind().connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        try:
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA busy_timeout=0")
+            try:
+                connection.execute(statement)
+            finally:
+                if sqlite:
+                    connection.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            connection.commit()
+            return True
+        except OperationalError:  # "database is locked": someone else writes; a later request touches
+            connection.rollback()
+            return False
+
+
+def end_transaction(session: Session) -> None:
+    """Commit what the session did so far and give its connection back to the pool.
+
+    Used after authentication: the endpoint runs in another thread-pool hop, and a connection
+    must not be held while waiting for a thread (see :mod:`backend.limits`).
+    """
+    session.commit()
 
 
 def alembic_config(settings: Settings) -> Config:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from backend import csrf
 from backend.accounts.login import Principal, Viewer, resolve_principal
 from backend.config import Settings
-from backend.db import session_scope
+from backend.db import end_transaction, session_scope
 from backend.errors import Forbidden, NotFound, Unauthorized
 from backend.models import SESSION_ID_LENGTH, User
 
@@ -68,6 +68,9 @@ def get_optional_principal(
         session_cookie=request.cookies.get(settings.session_cookie_name),
     )
     request.state.viewer = Viewer.of(principal) if principal else None
+    # Authentication is its own short transaction: the connection goes back to the pool before
+    # the endpoint waits for its thread.
+    end_transaction(session)
     return principal
 
 

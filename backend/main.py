@@ -29,6 +29,7 @@ from backend.accounts.login import Viewer, resolve_principal
 from backend.config import Settings, get_settings
 from backend.db import session_scope
 from backend.errors import AppError, ErrorResponse, Unauthorized
+from backend.limits import ConcurrencyLimitMiddleware, configure_threads
 from backend.middleware import TOO_LARGE_CODE, BodyLimitMiddleware, UnhandledErrorMiddleware
 from backend.observability import HttpMetrics, ObservabilityMiddleware, configure_logging
 from backend.ui import views as ui_views
@@ -252,6 +253,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         """Prepare what the first requests would otherwise race for."""
         settings.resolved_secret_key()  # create the key file before the first request races for it
+        configure_threads(settings.web_concurrency)
         yield
 
     app = FastAPI(
@@ -265,9 +267,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = HttpMetrics()
-    # Outermost last: request ids, headers and metrics see every response, the 500s included.
+    # Outermost last: request ids, headers and metrics see every response, the 500s included; the
+    # concurrency limit runs inside the observability middleware, so logged latencies include the wait.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(UnhandledErrorMiddleware, handler=_unexpected_error_handler)
+    app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.web_concurrency)
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics)
     app.add_exception_handler(AppError, _app_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)

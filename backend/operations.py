@@ -11,6 +11,7 @@ import hmac
 from typing import Literal
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
@@ -20,7 +21,7 @@ from backend.config import Settings
 from backend.db import get_engine
 from backend.deps import SettingsDep
 from backend.errors import ErrorResponse, Unauthorized
-from backend.queue import broker_reachable
+from backend.queue import broker_reachable_cached
 
 router = APIRouter(tags=["operations"])
 
@@ -61,10 +62,14 @@ class Health(BaseModel):
 
 
 @router.get("/healthz", response_model=Health, responses={503: {"model": Health}})
-def healthz(settings: SettingsDep) -> JSONResponse:
-    """Database and broker status: 200 when both answer and the database accepts writes, 503 otherwise."""
-    database = _database_state(settings)
-    broker = broker_reachable(settings, timeout=settings.health_broker_timeout_seconds)
+async def healthz(settings: SettingsDep) -> JSONResponse:
+    """Database and broker status: 200 when both answer and the database accepts writes, 503 otherwise.
+
+    Async so that a slow broker never holds a request thread: the broker probe runs in its own
+    thread, one at a time, and this waits for it at most about the configured timeout.
+    """
+    database = await run_in_threadpool(_database_state, settings)
+    broker = await broker_reachable_cached(settings, timeout=settings.health_broker_timeout_seconds)
     if database == "unreachable" or not broker:
         status = "unavailable"
     elif database == "not_writable":

@@ -3,11 +3,33 @@
 This module never imports the worker package or torch. Task and queue names are declared here,
 once: the worker registers its tasks under these names (``worker.tasks``) and the web process sends
 by them. The message carries ids only; the database row is the truth.
+
+Dispatch contract (what callers may rely on):
+
+* Every call to the broker from the web process is bounded: connecting, each socket read and
+  write, and one publish retry all time out after ``Settings.broker_timeout_seconds``. A broker
+  that accepts connections and never answers costs a request a few seconds, never a thread
+  forever.
+* :func:`enqueue` never raises because of the broker. It returns a :class:`Dispatch`; when
+  ``dispatched`` is false the message was not sent and ``reason`` says why (it is also logged).
+* Work is sent only after the row it needs is committed (:func:`enqueue_after_commit`), so a
+  broker failure never rolls back the request's transaction: the row stays in its pre-dispatch
+  state (for example ``queued``) and a periodic re-dispatcher, which looks for rows left in that
+  state, sends it again later. The row, not the message, says what must happen.
+* ``/healthz`` asks :func:`broker_reachable_cached`: one probe at a time per broker (the other
+  callers wait for its answer), its answer reused for :data:`HEALTH_CACHE_SECONDS`, and callers
+  stop waiting after the timeout even if a transport ignored its own timeouts. At most one thread
+  per broker URL is ever busy probing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
+import threading
+import time
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -25,6 +47,45 @@ logger = logging.getLogger(__name__)
 DEFAULT_QUEUE = "celery"
 #: Queue that ``/healthz`` declares to prove a real round trip to the broker; no worker reads it.
 HEALTH_QUEUE = "tessera.health"
+#: How long a broker probe's answer is reused by /healthz (a burst of health checks probes once).
+HEALTH_CACHE_SECONDS = 2.0
+REDIS_SCHEMES = {"redis", "rediss", "sentinel"}
+
+#: Task names, sent by the web process and registered by the worker.
+SYSTEM_PING = "system.ping"
+ACCOUNTS_PRUNE = "accounts.prune"
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """What became of one enqueue: sent to the broker, or not (the row stays as it was)."""
+
+    dispatched: bool
+    reason: str = ""
+
+
+def transport_options(broker_url: str, timeout: float) -> dict[str, Any]:
+    """Broker transport options that bound every socket operation.
+
+    Redis takes socket timeouts; other transports reject unknown options (the SQL one passes them
+    to ``create_engine``), so they only get the retry bound. AMQP is bounded by the connect
+    timeout and heartbeats.
+    """
+    options: dict[str, Any] = {"max_retries": 1}
+    if broker_url.split(":", 1)[0] in REDIS_SCHEMES:
+        options.update(socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False)
+    return options
+
+
+def retry_policy() -> dict[str, Any]:
+    """A publish retries once, quickly; each try is bounded by the socket and connect timeouts."""
+    return {
+        "max_retries": 1,
+        "interval_start": 0,
+        "interval_step": 0.2,
+        "interval_max": 0.2,
+    }
+
 
 #: Task names, sent by the web process and registered by the worker.
 SYSTEM_PING = "system.ping"
@@ -32,36 +93,61 @@ ACCOUNTS_PRUNE = "accounts.prune"
 
 
 @lru_cache
-def _client(broker_url: str) -> Celery:
+def _client(broker_url: str, timeout: float = 3.0) -> Celery:
     app = Celery("tessera-client", broker=broker_url)
-    app.conf.update(task_ignore_result=True, broker_connection_retry_on_startup=False)
+    app.conf.update(
+        task_ignore_result=True,
+        broker_connection_retry_on_startup=False,
+        broker_connection_timeout=timeout,
+        broker_connection_max_retries=1,
+        broker_transport_options=transport_options(broker_url, timeout),
+        task_publish_retry_policy=retry_policy(),
+    )
     return app
 
 
 def celery_client(settings: Settings) -> Celery:
     """The process-wide Celery client for ``settings.broker_url``."""
-    return _client(settings.broker_url)
+    return _client(settings.broker_url, settings.broker_timeout_seconds)
 
 
-def enqueue(settings: Settings, name: str, *args: Any) -> None:
-    """Send task ``name`` with positional ``args`` now. Call only after the data it needs is committed."""
-    celery_client(settings).send_task(name, args=list(args))
+def enqueue(settings: Settings, name: str, *args: Any) -> Dispatch:
+    """Send task ``name`` with positional ``args`` now. Call only after the data it needs is committed.
+
+    Returns within a few broker timeouts; a failure is reported as ``Dispatch(False, reason)``,
+    never raised (see the module's dispatch contract).
+    """
+    try:
+        celery_client(settings).send_task(name, args=list(args), retry=True, retry_policy=retry_policy())
+    except Exception as exc:  # any broker failure: not dispatched; the database row stays the truth
+        reason = f"{type(exc).__name__}: {exc}"
+        logger.warning("not dispatched %s %s: %s", name, args, reason)
+        return Dispatch(dispatched=False, reason=reason)
     logger.info("enqueued %s %s", name, args)
+    return Dispatch(dispatched=True)
 
 
 def enqueue_after_commit(session: Session, settings: Settings, name: str, *args: Any) -> None:
     """Send task ``name`` once the session's transaction commits; nothing is sent if it rolls back.
 
-    Sending before the commit would let a fast worker look for a row that does not exist yet.
+    Sending before the commit would let a fast worker look for a row that does not exist yet. A
+    broker that cannot be reached does not fail the (already committed) request: the message is
+    simply not sent and the row waits for the re-dispatcher.
     """
     run_after_commit(session, lambda: enqueue(settings, name, *args))
 
 
 def broker_reachable(settings: Settings, timeout: float) -> bool:
-    """True when a connection to the broker can be opened within ``timeout`` seconds (for /healthz)."""
+    """True when a connection to the broker can be opened within ``timeout`` seconds (for /healthz).
+
+    Blocks the calling thread up to about ``timeout`` seconds per socket operation; the web
+    process calls :func:`broker_reachable_cached` instead.
+    """
     try:
         with Connection(
-            settings.broker_url, connect_timeout=timeout, transport_options={"max_retries": 0}
+            settings.broker_url,
+            connect_timeout=timeout,
+            transport_options=transport_options(settings.broker_url, timeout),
         ) as conn:
             conn.ensure_connection(max_retries=0, timeout=timeout)
             # Declaring a queue is a real round trip on every transport (the SQL one connects lazily).
@@ -69,4 +155,55 @@ def broker_reachable(settings: Settings, timeout: float) -> bool:
             return True
     except Exception as exc:  # any failure means "not reachable"; the reason goes to the log
         logger.warning("broker not reachable: %s", exc)
+        return False
+
+
+@dataclass
+class _Probe:
+    future: concurrent.futures.Future[bool]
+    finished_at: float | None = None
+
+
+_probes: dict[str, _Probe] = {}
+_probes_lock = threading.Lock()
+
+
+def _start_or_join_probe(settings: Settings, timeout: float) -> concurrent.futures.Future[bool]:
+    """The running (or recently finished) probe of this broker, starting one if there is none."""
+    url = settings.broker_url
+    now = time.monotonic()
+    with _probes_lock:
+        probe = _probes.get(url)
+        if probe is not None and (
+            probe.finished_at is None or now - probe.finished_at < HEALTH_CACHE_SECONDS
+        ):
+            return probe.future
+        future: concurrent.futures.Future[bool] = concurrent.futures.Future()
+        probe = _Probe(future=future)
+        _probes[url] = probe
+
+    def run() -> None:
+        try:
+            result = broker_reachable(settings, timeout)
+        finally:
+            with _probes_lock:
+                probe.finished_at = time.monotonic()
+        future.set_result(result)
+
+    # Its own daemon thread: a probe stuck in a transport never occupies the request thread pool.
+    threading.Thread(target=run, name="tessera-broker-probe", daemon=True).start()
+    return future
+
+
+async def broker_reachable_cached(settings: Settings, timeout: float) -> bool:
+    """:func:`broker_reachable` for request handlers: single-flight, cached, and never waits past the bound.
+
+    Does not block the event loop. Answers False when the probe has not finished within
+    ``timeout`` plus a small margin (the probe may still be running; the next caller joins it).
+    """
+    future = _start_or_join_probe(settings, timeout)
+    try:
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout * 1.5 + 0.5)
+    except TimeoutError:
+        logger.warning("broker probe did not finish within %.1f s", timeout)
         return False

@@ -7,12 +7,14 @@ Only a SHA-256 hash is stored; the plaintext is returned once at creation. The f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, joinedload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from backend.config import Settings
+from backend.db import touch_quietly
 from backend.errors import Invalid, NotFound
 from backend.models import TOKEN_NAME_MAX_LENGTH, ApiToken, TokenKind, User, utcnow
 from backend.security import random_token, sha256_hex
@@ -87,9 +89,19 @@ def resolve_token(session: Session, plaintext: str) -> ApiToken | None:
     if row is None or not row.is_valid(now) or not row.user.is_active:
         return None
     if row.last_used_at is None or now - row.last_used_at >= LAST_USED_RESOLUTION:
-        row.last_used_at = now
-        session.flush()
+        _touch(session, row, now)
     return row
+
+
+def _touch(session: Session, row: ApiToken, now: datetime) -> None:
+    """Record ``now`` as the token's last use, unless another request is writing it right now."""
+    stale = or_(ApiToken.last_used_at.is_(None), ApiToken.last_used_at <= now - LAST_USED_RESOLUTION)
+    target = (
+        select(ApiToken.id).where(ApiToken.id == row.id, stale).with_for_update(skip_locked=True)
+    ).scalar_subquery()
+    statement = update(ApiToken).where(ApiToken.id == target).values(last_used_at=now)
+    if touch_quietly(session, statement.execution_options(synchronize_session=False)):
+        set_committed_value(row, "last_used_at", now)
 
 
 def list_personal_tokens(session: Session, user: User) -> list[ApiToken]:
