@@ -8,6 +8,7 @@ same argon2 cost.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -25,6 +26,12 @@ from backend.security import burn_password_check, hash_password, password_hasher
 INCORRECT_CREDENTIALS = "Incorrect username or password."
 #: Width of the ``ip`` column of login attempts (an IPv6 address needs at most 45 characters).
 IP_MAX = 64
+#: A pending attempt older than this is taken for a check whose process died: a plain failure.
+PENDING_STALE_SECONDS = 30
+#: How long an attempt waits for others still being checked before it is refused (see
+#: :func:`_reserve_attempt`), and how often it looks again meanwhile.
+PENDING_WAIT_SECONDS = 10.0
+PENDING_POLL_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -82,11 +89,13 @@ def throttle_retry_after(
     *,
     ip: str = "",
     exclude_id: int | None = None,
+    include_pending: bool = True,
 ) -> int | None:
     """Seconds until a sign-in as ``username`` from ``ip`` may be tried again, or None when it may now.
 
     Two limits, both over the sliding window of ``login_window_seconds`` (attempts still being
-    checked count as failures, see :func:`authenticate`; ``exclude_id`` leaves out the caller's own):
+    checked count as failures unless ``include_pending`` is false, see :func:`_reserve_attempt`;
+    ``exclude_id`` leaves out the caller's own):
 
     - **Per client IP**: ``login_ip_max_failures`` failures from ``ip``, against any accounts,
       refuse every sign-in from it. One client cannot guess across many accounts.
@@ -101,6 +110,9 @@ def throttle_retry_after(
     window = timedelta(seconds=settings.login_window_seconds)
     since = now - window
     failed = LoginAttempt.success.is_(False) & (LoginAttempt.at > since)
+    if not include_pending:
+        stale = now - timedelta(seconds=PENDING_STALE_SECONDS)
+        failed &= LoginAttempt.pending.is_(False) | (LoginAttempt.at < stale)
     if exclude_id is not None:
         failed &= LoginAttempt.id != exclude_id
 
@@ -142,32 +154,53 @@ def throttle_retry_after(
     return min(account_retry, ip_clean_in)
 
 
-def _reserve_attempt(session: Session, settings: Settings, key: str, *, ip: str, now: datetime) -> int:
-    """Record the attempt as a failure before the password is checked, or raise when throttled.
+def _reserve_attempt(session: Session, settings: Settings, key: str, *, ip: str) -> int:
+    """Record the attempt as a pending failure before the password is checked, or raise when throttled.
 
-    The row is committed at once in a transaction of its own, *then* the earlier failures are
-    counted: every concurrent attempt sees the rows committed before its count, so the k-th
-    attempt to commit sees at least k-1 others, and at most ``login_max_failures`` of a burst
-    against one account (``login_ip_max_failures`` from one IP) get as far as a password check.
-    A throttled attempt takes its row back. The request's own connection is not used here: it
-    may be the only one the pool has left.
+    The row is committed at once in a transaction of its own, *then* the earlier attempts are
+    counted, the pending ones as failures: every concurrent attempt sees the rows committed
+    before its count, so at most ``login_max_failures`` of a burst against one account
+    (``login_ip_max_failures`` from one IP) get as far as a password check.
+
+    When the limit is reached only because of attempts still being checked, this one takes its
+    row back and waits for them (up to ``PENDING_WAIT_SECONDS``): if they were right passwords,
+    the count starts again after their success and this attempt goes on; if they failed, it is
+    refused. So a burst of right passwords (many browsers or scripts signing in at once) is
+    checked ten at a time instead of being refused, and a burst of wrong ones still gets at most
+    ten checks. The request's own connection is not used here: it may be the only one the pool
+    has left.
     """
     ip = ip[:IP_MAX]
-    with Session(bind=session.get_bind()) as own:
-        with own.begin():
-            row = LoginAttempt(username=key, success=False, at=now, ip=ip)
-            own.add(row)
-            own.flush()
-            attempt_id = row.id
-        with own.begin():
-            retry_after = throttle_retry_after(own, settings, key, now, ip=ip, exclude_id=attempt_id)
-            if retry_after is not None:
+    deadline = time.monotonic() + PENDING_WAIT_SECONDS
+    while True:
+        now = utcnow()
+        with Session(bind=session.get_bind()) as own:
+            with own.begin():
+                row = LoginAttempt(username=key, success=False, pending=True, at=now, ip=ip)
+                own.add(row)
+                own.flush()
+                attempt_id = row.id
+            with own.begin():
+                retry_after = throttle_retry_after(own, settings, key, now, ip=ip, exclude_id=attempt_id)
+                if retry_after is None:
+                    return attempt_id
+                settled = throttle_retry_after(
+                    own, settings, key, now, ip=ip, exclude_id=attempt_id, include_pending=False
+                )
                 own.execute(delete(LoginAttempt).where(LoginAttempt.id == attempt_id))
-    if retry_after is not None:
-        raise TooManyRequests(
-            f"Too many failed sign-in attempts. Try again in {retry_after} seconds.", retry_after=retry_after
-        )
-    return attempt_id
+        if settled is not None or time.monotonic() >= deadline:
+            retry_after = settled or retry_after
+            raise TooManyRequests(
+                f"Too many failed sign-in attempts. Try again in {retry_after} seconds.",
+                retry_after=retry_after,
+            )
+        time.sleep(PENDING_POLL_SECONDS)
+
+
+def _settle_failure(session: Session, attempt_id: int) -> None:
+    """Mark a checked attempt as failed, in its own transaction (the request's is rolled back)."""
+    with Session(bind=session.get_bind()) as own, own.begin():
+        own.execute(update(LoginAttempt).where(LoginAttempt.id == attempt_id).values(pending=False))
 
 
 def authenticate(session: Session, settings: Settings, username: str, password: str, *, ip: str = "") -> User:
@@ -176,18 +209,17 @@ def authenticate(session: Session, settings: Settings, username: str, password: 
     Raises :class:`TooManyRequests` (with Retry-After) when this client is throttled for this
     account or altogether, even for the right password, and :class:`Unauthorized` with one
     generic message for every other failure.
-    The attempt is recorded as a failure in a short transaction of its own before the password
-    is checked (so concurrent guesses cannot all slip under the limit, and the failure counts
-    although the request's transaction is rolled back on errors); a right password turns it
-    into a success in the request's transaction.
+    The attempt is recorded as a pending failure in a short transaction of its own before the
+    password is checked (so concurrent guesses cannot all slip under the limit, and the failure
+    counts although the request's transaction is rolled back on errors); a wrong password
+    settles it as a failure, a right one turns it into a success in the request's transaction.
     """
     key = normalize_username(username)
     if len(key) > USERNAME_MAX_LENGTH:
         # No account has such a name. Never truncate it: that would sign in (or throttle) the
         # account whose name is its first characters. It counts as a failure of "no account".
         key = ""
-    now = utcnow()
-    attempt_id = _reserve_attempt(session, settings, key, ip=ip, now=now)
+    attempt_id = _reserve_attempt(session, settings, key, ip=ip)
     user = get_by_username(session, key) if key else None
     if user is None:
         burn_password_check(settings, password)
@@ -198,8 +230,11 @@ def authenticate(session: Session, settings: Settings, username: str, password: 
             # Hash parameters changed since this password was set: store it at today's cost.
             user.password_hash = hash_password(settings, password)
     if user is None or not valid or not user.is_active:
+        _settle_failure(session, attempt_id)
         raise Unauthorized(INCORRECT_CREDENTIALS)
-    session.execute(update(LoginAttempt).where(LoginAttempt.id == attempt_id).values(success=True))
+    session.execute(
+        update(LoginAttempt).where(LoginAttempt.id == attempt_id).values(success=True, pending=False)
+    )
     # Old attempts are deleted by the periodic ``accounts.prune`` task (backend.accounts.retention).
     session.flush()
     return user
