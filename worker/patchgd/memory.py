@@ -1,10 +1,11 @@
 """Peak-memory measurement, an analytic memory model, and the memory-budget planner.
 
-Measurement runs a workload and reports its peak: on CPU in a spawned child process (resident set
+Measurement runs a workload and reports its peak: on CPU in a child interpreter (resident set
 size sampled every few ms, with ``ru_maxrss`` as a floor) so an out-of-memory workload cannot take
-the caller down; on CUDA with the allocator's peak statistics. The analytic model predicts the
-peak of a PatchGD or baseline training step from parameter counts and a per-backbone activation
-cost calibrated by measurement. The planner picks batch size and k (PatchGD) or batch size and
+the caller down, started with `subprocess` so it also works inside Celery's daemonic pool
+workers; on CUDA with the allocator's peak statistics. The analytic model predicts the peak of
+a PatchGD or baseline training step from parameter counts and a per-backbone activation cost
+calibrated by measurement. The planner picks batch size and k (PatchGD) or batch size and
 resolution (baseline) from the model, then verifies the choice with a short measured trial.
 """
 
@@ -18,9 +19,13 @@ import importlib
 import json
 import math
 import mmap
-import multiprocessing as mp
 import os
 import resource
+import select
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -198,22 +203,6 @@ def _run_measured(
             torch.cuda.empty_cache()
 
 
-def _child_main(conn: Any, fn_spec: Any, args: tuple, kwargs: dict, device: str, interval_s: float) -> None:
-    """Entry point of the measuring child: resolve, run, send the outcome over the pipe."""
-    try:
-        fn = _resolve(fn_spec)
-    except Exception as exc:  # noqa: BLE001 - reported to the parent as an error result
-        conn.send(("error", None, None, f"cannot load workload: {exc}", None))
-        return
-    outcome = _run_measured(
-        fn, args, kwargs, device, interval_s, on_baseline=lambda b: conn.send(("baseline", b))
-    )
-    try:
-        conn.send(outcome)
-    except Exception as exc:  # noqa: BLE001 - an unpicklable result must not hide the measurement
-        conn.send((outcome[0], outcome[1], outcome[2], f"result not transferable: {exc}", None))
-
-
 def _apply_limit(
     status: str, peak: int | None, reason: str | None, limit: int | None
 ) -> tuple[str, str | None]:
@@ -223,16 +212,44 @@ def _apply_limit(
     return status, reason
 
 
-def _child_context() -> Any:
-    """Fresh-process isolation without paying a torch import per measurement.
+def _workload_name(fn_spec: str | Callable[..., Any]) -> str:
+    """``"package.module:function"`` for a workload given by name or as a module-level function."""
+    if isinstance(fn_spec, str):
+        return fn_spec
+    module = getattr(fn_spec, "__module__", None)
+    name = getattr(fn_spec, "__qualname__", "")
+    if not module or module == "__main__" or not name.isidentifier():
+        raise ValueError(
+            f"{fn_spec!r} cannot run in a measuring child: give a module-level function of an "
+            "importable module, or 'package.module:function'"
+        )
+    return f"{module}:{name}"
 
-    A fork server is started once (a clean, exec'ed interpreter, like spawn) with this module and
-    torch preloaded; every measurement forks from it. The children inherit no state of the
-    caller (threads, CUDA context, open files), only the already-imported libraries.
-    """
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["worker.patchgd.memory"])
-    return ctx
+
+# The folder holding the ``worker`` package: the measuring child imports it from there whatever
+# the caller's working directory.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [_PACKAGE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def _stop_child(child: subprocess.Popen[bytes]) -> None:
+    """Kill the child and everything it started (it leads its own process group)."""
+    if child.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+
+
+def _tail(stream: Any, limit: int = 2000) -> str:
+    stream.seek(0)
+    text = stream.read().decode("utf-8", errors="replace").strip()
+    return text[-limit:]
 
 
 def measure_peak(
@@ -247,11 +264,14 @@ def measure_peak(
 ) -> MemoryMeasurement:
     """Run a workload and measure its peak memory over the memory in use before it started.
 
-    `fn_spec` is ``"package.module:function"`` or a module-level function (it must be importable
-    in a fresh process). On CPU it runs in a child process (``isolate`` default, see
-    `_child_context`): peak RSS delta over the child's baseline. On CUDA it runs in this process
-    by default, using the allocator's peak statistics. The child is stopped (and the result is
-    ``out_of_memory``) if its RSS grows by more than `limit_bytes`; the call never raises for a
+    `fn_spec` is ``"package.module:function"`` or a module-level function. On CPU it runs in a
+    child interpreter (``isolate`` default): ``python -m worker.patchgd.measure_child``, started
+    with `subprocess`, so measuring works inside daemonic processes such as Celery's prefork pool
+    workers, where `multiprocessing` children are forbidden. Arguments and the result travel as
+    JSON. The peak is the child's RSS growth over its baseline (interpreter + torch, reported in
+    ``baseline_bytes``). On CUDA it runs in this process by default, using the allocator's peak
+    statistics. The child is killed (and the result is ``out_of_memory``) if its RSS grows by more
+    than `limit_bytes`, and killed (``timeout``) after `timeout_s`; the call never raises for a
     failing or killed workload.
     """
     isolate = not device.startswith("cuda") if isolate is None else isolate
@@ -265,33 +285,62 @@ def measure_peak(
             device, status, peak, baseline, time.perf_counter() - started, reason, result
         )
 
-    ctx = _child_context()
-    receiver, sender = ctx.Pipe(duplex=False)
-    child = ctx.Process(
-        target=_child_main, args=(sender, fn_spec, args, kwargs, device, interval_s), daemon=True
-    )
-    child.start()
-    sender.close()
-    baseline: int | None = None
-    watched = psutil.Process(child.pid)
-    outcome: tuple | None = None
-    stopped_reason: str | None = None
     try:
-        while outcome is None:
-            if receiver.poll(0.02):
-                try:
-                    message = receiver.recv()
-                except EOFError:
-                    break
-                if message[0] == "baseline":
-                    baseline = message[1]
-                else:
-                    outcome = message
+        spec = json.dumps(
+            {
+                "fn": _workload_name(fn_spec),
+                "args": list(args),
+                "kwargs": kwargs,
+                "device": device,
+                "interval_s": interval_s,
+            }
+        )
+    except TypeError as exc:
+        raise ValueError(f"workload arguments must be JSON values for a measuring child: {exc}") from exc
+    read_fd, write_fd = os.pipe()
+    output = tempfile.TemporaryFile()  # noqa: SIM115 - closed below, after the child is gone
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "worker.patchgd.measure_child", str(write_fd)],
+            stdin=subprocess.PIPE,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            pass_fds=(write_fd,),
+            env=_child_env(),
+            start_new_session=True,
+        )
+    except BaseException:
+        os.close(read_fd)
+        output.close()
+        raise
+    finally:
+        os.close(write_fd)
+    baseline: int | None = None
+    outcome: dict[str, Any] | None = None
+    stopped_reason: str | None = None
+    pending = b""
+    try:
+        assert child.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            child.stdin.write(spec.encode("utf-8"))
+        with contextlib.suppress(BrokenPipeError):
+            child.stdin.close()
+        watched = psutil.Process(child.pid)
+        eof = False
+        while outcome is None and not eof:
+            ready, _, _ = select.select([read_fd], [], [], 0.02)
+            if ready:
+                chunk = os.read(read_fd, 1 << 16)
+                eof = not chunk
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    message = json.loads(line)
+                    if message["kind"] == "baseline":
+                        baseline = int(message["bytes"])
+                    else:
+                        outcome = message
                 continue
-            if not child.is_alive():
-                if receiver.poll(0.1):
-                    continue
-                break
             if timeout_s is not None and time.perf_counter() - started > timeout_s:
                 stopped_reason = f"timeout after {timeout_s:.0f} s"
                 break
@@ -307,37 +356,40 @@ def measure_peak(
                         f"{limit_bytes / GIB:.2f} GiB"
                     )
                     break
+        if outcome is not None or eof:
+            # The child has reported (or closed its end): give it a moment to exit on its own.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=30)
     finally:
-        if child.is_alive() and outcome is None:
-            child.kill()
-        child.join(timeout=30)
-        receiver.close()
+        _stop_child(child)
+        os.close(read_fd)
+    log = _tail(output)
+    output.close()
     wall = time.perf_counter() - started
     if outcome is not None:
-        status, peak, base, reason, result = outcome
-        status, reason = _apply_limit(status, peak, reason, limit_bytes)
-        return MemoryMeasurement(
-            device, status, peak, base if base is not None else baseline, wall, reason, result
-        )
+        peak = outcome.get("peak")
+        status, reason = _apply_limit(outcome["status"], peak, outcome.get("reason"), limit_bytes)
+        base = outcome.get("baseline")
+        base = base if base is not None else baseline
+        return MemoryMeasurement(device, status, peak, base, wall, reason, outcome.get("result"))
     if stopped_reason is not None:
         status = "timeout" if stopped_reason.startswith("timeout") else "out_of_memory"
         return MemoryMeasurement(device, status, None, baseline, wall, stopped_reason)
-    code = child.exitcode
+    code = child.returncode
     if code is not None and code < 0:
         name = _signal_name(-code)
         if -code == 9:
-            # Nothing in the workload sends SIGKILL; the kernel's OOM killer does.
+            # Nothing in the workload sends SIGKILL; the kernel's out-of-memory killer does.
             reason = f"killed by {name} (most likely the kernel's out-of-memory killer)"
             return MemoryMeasurement(device, "out_of_memory", None, baseline, wall, reason)
         return MemoryMeasurement(device, "error", None, baseline, wall, f"killed by {name}")
+    detail = f": {log}" if log else ""
     return MemoryMeasurement(
-        device, "error", None, baseline, wall, f"workload process exited with code {code}"
+        device, "error", None, baseline, wall, f"workload process exited with code {code}{detail}"
     )
 
 
 def _signal_name(number: int) -> str:
-    import signal
-
     try:
         return signal.Signals(number).name
     except ValueError:
