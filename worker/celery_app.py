@@ -36,7 +36,7 @@ def broker_transport_options(broker_url: str) -> dict[str, object]:
 
 def create_celery(settings: Settings) -> Celery:
     """Build the Celery application for the given settings (workers and the web process)."""
-    app = Celery("tessera", include=["worker.tasks"])
+    app = Celery("tessera", include=["worker.tasks", "worker.memory_tasks"])
     app.conf.update(
         broker_url=settings.broker_url,
         broker_transport_options=broker_transport_options(settings.broker_url),

@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import gc
 import importlib
+import itertools
 import json
 import math
 import mmap
@@ -239,10 +240,10 @@ def _child_env() -> dict[str, str]:
 
 
 def _stop_child(child: subprocess.Popen[bytes]) -> None:
-    """Kill the child and everything it started (it leads its own process group)."""
+    """Kill the child if it still runs, and reap it."""
     if child.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
     child.wait()
 
 
@@ -306,8 +307,8 @@ def measure_peak(
             stdout=output,
             stderr=subprocess.STDOUT,
             pass_fds=(write_fd,),
+            # Same process group as the caller: a signal to a stopping worker's group reaches it.
             env=_child_env(),
-            start_new_session=True,
         )
     except BaseException:
         os.close(read_fd)
@@ -675,6 +676,32 @@ def warm_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 # The first inner iteration allocates the gradients during its backward; from the second on they
 # are alive during the forward too. Two iterations therefore reach the step's steady-state peak.
 TRIAL_INNER_ITERATIONS = 2
+# The fill pass encodes chunk after chunk without gradients into a Z that exists in full from the
+# start; every chunk allocates and frees the same, so its peak is reached at the first chunk and
+# is below an inner iteration's (same k patches, with gradients). A trial encodes only this many
+# fill chunks: the same peak, without a forward over the whole S x S image (minutes on a CPU).
+TRIAL_FILL_CHUNKS = 2
+
+
+class SyntheticPatchSource:
+    """A `PatchSource` of random patches made on demand: a streamed image that never exists.
+
+    Each call generates only the requested ``[B, k, C, P, P]`` patches, like a streaming reader
+    decodes only the regions it is asked for, so a measured trial over it holds the patches in
+    flight and nothing of size S^2. Patch values are random (memory does not depend on them).
+    """
+
+    def __init__(self, batch_size: int, channels: int, grid: Any, seed: int = 0) -> None:
+        self.batch_size = batch_size
+        self.channels = channels
+        self.grid = grid
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def patches(self, indices: torch.Tensor) -> torch.Tensor:
+        """Random float32 patches ``[B, k, C, P, P]`` for ``[k]`` or ``[B, k]`` indices."""
+        k = torch.as_tensor(indices).shape[-1]
+        p = int(self.grid.patch_size)
+        return torch.randn(self.batch_size, k, self.channels, p, p, generator=self._generator)
 
 
 def patchgd_trial(
@@ -682,26 +709,39 @@ def patchgd_trial(
     device: str,
     inner_iterations: int = TRIAL_INNER_ITERATIONS,
     streamed_from: str | None = None,
+    streamed: bool = False,
+    fill_chunks: int | None = TRIAL_FILL_CHUNKS,
 ) -> dict[str, float]:
     """A partial PatchGD outer step (fill pass + `inner_iterations` inner iterations): the
     workload the planner and benchmarks measure. Runs inside `measure_peak`.
 
-    Random images held in memory, or, with `streamed_from`, one image whose patches are read from
-    that file region by region (batch 1) as `StreamingPatchSource` does in training.
+    Random images held in memory; with `streamed`, a `SyntheticPatchSource` that makes patches
+    on demand (the whole batch is never in memory); with `streamed_from`, one image whose patches
+    are read from that file region by region (batch 1) as `StreamingPatchSource` does in training.
+    The fill pass stops after `fill_chunks` chunks (None: all), see `TRIAL_FILL_CHUNKS`.
     """
     cfg = PatchGDConfig.from_dict(cfg_dict)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = build_patchgd_model(cfg, load_pretrained=False).to(device)
     model.train()
+    if fill_chunks is not None:
+        full_fill = model.fill_latent
+
+        def bounded_fill(source: Any, chunk_order: Any, **options: Any) -> torch.Tensor:
+            return full_fill(source, itertools.islice(chunk_order, fill_chunks), **options)
+
+        model.fill_latent = bounded_fill
     optimizer = build_optimizer(model, cfg)
     warm_optimizer_state(model, optimizer)
     with contextlib.ExitStack() as stack:
-        if streamed_from is None:
+        if streamed_from is not None:
+            reader = stack.enter_context(open_region_reader(streamed_from, level=0))
+            source: Any = StreamingPatchSource(reader, cfg.grid)
+        elif streamed:
+            source = SyntheticPatchSource(cfg.batch_size, cfg.in_channels, cfg.grid, seed=cfg.seed)
+        else:
             shape = (cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size)
             source = TensorPatchSource(torch.randn(shape, generator=generator).to(device), cfg.grid)
-        else:
-            reader = stack.enter_context(open_region_reader(streamed_from, level=0))
-            source = StreamingPatchSource(reader, cfg.grid)
         labels = torch.randint(0, cfg.num_classes, (source.batch_size,), generator=generator)
         stats = patchgd_step(
             model, optimizer, source, labels, cfg, generator=generator, max_inner_iterations=inner_iterations
@@ -900,6 +940,16 @@ def _search(
     )
 
 
+def calibration_patch_size(cfg: PatchGDConfig | BaselineConfig) -> int:
+    """The patch size the backbone is calibrated at for `cfg`: PatchGD's own patch size (the
+    activation cost per pixel depends on it, through padding, rounding of strided layers and
+    the fixed-size pooled tail), or for the baseline the image size capped at 256 px (the
+    per-pixel cost settles by then, and a bigger calibration would cost as much as the step)."""
+    if isinstance(cfg, PatchGDConfig):
+        return int(cfg.patch_size)
+    return int(min(cfg.image_size, 256))
+
+
 def _model_terms(
     cfg: PatchGDConfig | BaselineConfig,
     device: str,
@@ -914,6 +964,7 @@ def _model_terms(
             device=device,
             bf16=cfg.use_bf16(dev_type),
             channels_last=cfg.use_channels_last(dev_type),
+            patch_size=calibration_patch_size(cfg),
             cache_file=cache_file,
         )
     return {"bytes_per_pixel": calibration.bytes_per_pixel, "overhead_bytes": calibration.overhead_bytes}
@@ -929,25 +980,28 @@ def plan_patchgd(
     max_trials: int = 3,
     calibration: Calibration | None = None,
     cache_file: str | os.PathLike[str] | None = None,
+    streamed: bool = False,
 ) -> Plan:
     """Choose batch size and k (patches per inner step) so a PatchGD step stays under the budget.
 
-    `calibration` defaults to a (cached) measurement of the backbone on `device`.
-    The analytic model picks the first (batch, k) whose prediction is under `safety` x budget
-    (keeping the batch and shrinking k first), then a measured trial (fill pass + two inner
-    iterations) confirms it; a measured peak over the budget shrinks the choice and tries again.
-    Prediction and trial hold the whole batch of images in memory, so for streamed inputs the
-    plan is conservative by that buffer (B x 3 x S^2 x 4 bytes).
+    `calibration` defaults to a (cached) measurement of the backbone at the configured patch
+    size on `device`. The analytic model picks the first (batch, k) whose prediction is under
+    `safety` x budget (keeping the batch and shrinking k first), then a measured trial (fill pass
+    + two inner iterations) confirms it; a measured peak over the budget shrinks the choice and
+    tries again. With `streamed`, prediction and trial hold only the patches in flight (the trial
+    reads a `SyntheticPatchSource`), never the B x 3 x S^2 image buffer.
     """
     budget = _check_budget(budget_gib)
     model_terms = _model_terms(cfg, device, calibration, cache_file)
     candidates = [
         _Candidate(
             batch_size=batch,
-            estimate=estimate_patchgd_bytes(cfg, **model_terms, batch_size=batch, patches_per_step=k),
+            estimate=estimate_patchgd_bytes(
+                cfg, **model_terms, streaming=streamed, batch_size=batch, patches_per_step=k
+            ),
             config=_with(cfg, batch, k),
-            label=f"batch {batch}, k={k}",
-            trial_args=(TRIAL_INNER_ITERATIONS,),
+            label=f"batch {batch}, k={k}" + (" (streamed)" if streamed else ""),
+            trial_args=(TRIAL_INNER_ITERATIONS, None, streamed),
             fields={"patches_per_step": k},
         )
         for batch, k in _patchgd_candidates(cfg)
@@ -1026,3 +1080,31 @@ def plan_baseline(
         max_trials=max_trials,
         nothing_fits=nothing_fits,
     )
+
+
+def plan(
+    cfg: PatchGDConfig | BaselineConfig,
+    budget_gib: float,
+    device: str = "cpu",
+    *,
+    streamed: bool = False,
+    safety: float = DEFAULT_SAFETY,
+    verify: bool = True,
+    max_trials: int = 3,
+    calibration: Calibration | None = None,
+    cache_file: str | os.PathLike[str] | None = None,
+) -> Plan:
+    """Plan a training run of either algorithm under `budget_gib` (see `plan_patchgd` and
+    `plan_baseline`). `streamed` means PatchGD reads patches on demand from a streamed source, so
+    neither the prediction nor the measured trial holds the image; the baseline always needs the
+    whole image in memory, so it cannot be planned streamed."""
+    options = dict(
+        safety=safety, verify=verify, max_trials=max_trials, calibration=calibration, cache_file=cache_file
+    )
+    if isinstance(cfg, PatchGDConfig):
+        return plan_patchgd(cfg, budget_gib, device, streamed=streamed, **options)
+    if isinstance(cfg, BaselineConfig):
+        if streamed:
+            raise ValueError("the baseline trains on whole images in memory; it cannot be planned streamed")
+        return plan_baseline(cfg, budget_gib, device, **options)
+    raise TypeError(f"expected a PatchGDConfig or BaselineConfig, got {type(cfg).__name__}")
