@@ -896,6 +896,7 @@ def _search(
                 "batch_size": chosen.batch_size,
                 **chosen.fields,
                 "predicted_bytes": predicted,
+                "predicted_terms": chosen.estimate.terms,
                 **measured.to_dict(),
             }
         )
