@@ -14,10 +14,24 @@ interpreter is allowed anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from typing import Any
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """On Linux, have the kernel kill this child when the measuring parent dies (a killed worker
+    must not leave a workload running); elsewhere the parent's own clean-up is all there is."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before the request above took effect
+        os._exit(1)
 
 
 def main(argv: list[str]) -> int:
@@ -32,6 +46,7 @@ def main(argv: list[str]) -> int:
         report.flush()
 
     spec = json.load(sys.stdin)
+    _die_with_parent(int(spec["parent_pid"]))
     from .memory import _resolve, _run_measured
 
     try:

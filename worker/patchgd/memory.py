@@ -294,6 +294,7 @@ def measure_peak(
                 "kwargs": kwargs,
                 "device": device,
                 "interval_s": interval_s,
+                "parent_pid": os.getpid(),
             }
         )
     except TypeError as exc:
