@@ -46,6 +46,11 @@ from .train import baseline_step, build_optimizer, patchgd_step
 GIB = 1 << 30
 # Adam(W) keeps param + grad + exp_avg + exp_avg_sq, four fp32 tensors per parameter.
 ADAM_BYTES_PER_PARAM = 16
+# Every optimizer step of torch's (foreach) Adam makes one parameter-sized temporary
+# (``_foreach_sqrt(exp_avg_sq)``). The allocator keeps what it frees for later tensors, so on CPU
+# the process holds it through the step's forward and backward too; measured trials of
+# ResNet18/50 otherwise peaked 4-4.5 bytes per parameter above the model.
+OPTIMIZER_WORKSPACE_BYTES_PER_PARAM = 4
 FLOAT_BYTES = 4
 # Predicted peaks are kept below this fraction of the budget: the model ignores allocator slack.
 DEFAULT_SAFETY = 0.85
@@ -603,11 +608,11 @@ def estimate_patchgd_bytes(
 ) -> MemoryEstimate:
     """Predicted peak of one PatchGD training step.
 
-    params + grads + Adam state (16 B/param) + k*B*c*P^2 activations of the patches re-encoded
-    with gradient + Z (the map, its grad-carrying copy and its gradient) + head activations + the
-    image buffer (the whole normalized batch in memory, or only the patches in flight when
-    streaming) + the calibrated fixed overhead of a step. `bytes_per_pixel` and
-    `overhead_bytes` come from `calibrate_backbone`.
+    params + grads + Adam state (16 B/param) + Adam's step temporary (4 B/param) + k*B*c*P^2
+    activations of the patches re-encoded with gradient + Z (the map, its grad-carrying copy and
+    its gradient) + head activations + the image buffer (the whole normalized batch in memory, or
+    only the patches in flight when streaming) + the calibrated fixed overhead of a step.
+    `bytes_per_pixel` and `overhead_bytes` come from `calibrate_backbone`.
     """
     batch = cfg.batch_size if batch_size is None else batch_size
     k = cfg.k if patches_per_step is None else patches_per_step
@@ -621,6 +626,7 @@ def estimate_patchgd_bytes(
     pixels_in_flight = batch * k * 3 * p * p
     terms = {
         "params_grads_optimizer": ADAM_BYTES_PER_PARAM * (backbone_params + head_params),
+        "optimizer_workspace": OPTIMIZER_WORKSPACE_BYTES_PER_PARAM * (backbone_params + head_params),
         "activations": int(math.ceil(k * batch * bytes_per_pixel * p * p)),
         "latent_map": 3 * z_cells * FLOAT_BYTES,
         "head_activations": head_act,
@@ -638,12 +644,14 @@ def estimate_baseline_bytes(
     image_size: int | None = None,
     overhead_bytes: int = 0,
 ) -> MemoryEstimate:
-    """Predicted peak of one full-image baseline step: params/grads/Adam + B*c*S^2 + the image +
+    """Predicted peak of one full-image baseline step: params/grads/Adam (+ its step temporary) +
+    B*c*S^2 + the image +
     the calibrated fixed overhead."""
     batch = cfg.batch_size if batch_size is None else batch_size
     s = cfg.image_size if image_size is None else image_size
     terms = {
         "params_grads_optimizer": ADAM_BYTES_PER_PARAM * _baseline_param_count(cfg),
+        "optimizer_workspace": OPTIMIZER_WORKSPACE_BYTES_PER_PARAM * _baseline_param_count(cfg),
         "activations": int(math.ceil(batch * bytes_per_pixel * s * s)),
         "image_buffer": batch * 3 * s * s * FLOAT_BYTES,
         "runtime_overhead": overhead_bytes,
