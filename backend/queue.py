@@ -54,6 +54,7 @@ REDIS_SCHEMES = {"redis", "rediss", "sentinel"}
 #: Task names, sent by the web process and registered by the worker.
 SYSTEM_PING = "system.ping"
 ACCOUNTS_PRUNE = "accounts.prune"
+MEMORY_PLAN = "memory.plan"
 
 
 @dataclass(frozen=True)

@@ -50,17 +50,23 @@ def throughput_table(payload: dict[str, Any]) -> str:
 
 
 def planner_table(payload: dict[str, Any]) -> str:
-    """One row per planner scenario: requested, budget, chosen, predicted vs measured."""
+    """One row per planner scenario: requested, budget, chosen, predicted vs measured, the error
+    of the prediction and the whole process's measured peak."""
     lines = [
-        "| algorithm | backbone | requested | budget GiB | chosen | predicted GiB | measured GiB | result |",
-        "|---|---|---|---|---|---|---|---|",
+        "| algorithm | backbone | requested | budget GiB | chosen | predicted GiB | measured GiB "
+        "| error | whole process GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
+        return "-" if value is None else f"{value:{spec}}{suffix}"
+
     for r in payload["rows"]:
-        measured = "-" if r["measured_gib"] is None else f"{r['measured_gib']:.2f}"
-        predicted = "-" if r["predicted_gib"] is None else f"{r['predicted_gib']:.2f}"
+        error = r.get("error_pct")
         lines.append(
             f"| {r['algorithm']} | {r['backbone']} | {r['requested']} | {r['budget_gib']} | {r['chosen']} | "
-            f"{predicted} | {measured} | {r['reason']} |"
+            f"{fmt(r['predicted_gib'])} | {fmt(r['measured_gib'])} | {fmt(error, '+.1f', '%')} | "
+            f"{fmt(r.get('process_gib'))} |"
         )
     return "\n".join(lines)
 

@@ -20,7 +20,7 @@ REDIS_VISIBILITY_TIMEOUT_SECONDS = 48 * 3600
 
 
 #: The modules that register tasks, one per domain (each task's name comes from ``backend.queue``).
-TASK_MODULES = ["worker.tasks.system", "worker.tasks.accounts"]
+TASK_MODULES = ["worker.tasks.system", "worker.tasks.accounts", "worker.tasks.training"]
 
 
 def broker_transport_options(broker_url: str) -> dict[str, object]:

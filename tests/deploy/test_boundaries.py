@@ -33,7 +33,9 @@ def test_web_process_and_worker_entry_points_do_not_import_torch(tmp_path: Path)
     modules = _modules_after(
         "from backend.main import create_app\n"
         "from fastapi.testclient import TestClient\n"
-        "import backend.cli, worker.celery_app, worker.tasks.system\n"
+        "import importlib, backend.cli, worker.celery_app\n"
+        "for name in worker.celery_app.TASK_MODULES:\n"
+        "    importlib.import_module(name)\n"
         "with TestClient(create_app()) as client:\n"
         "    assert client.get('/login').status_code == 200\n"
         "    assert client.get('/openapi.json').status_code == 200\n",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -12,11 +13,14 @@ from worker.patchgd.memory import (
     GIB,
     Calibration,
     RssSampler,
+    SyntheticPatchSource,
     calibrate_backbone,
+    calibration_patch_size,
     estimate_baseline_bytes,
     estimate_patchgd_bytes,
     measure_peak,
     patchgd_trial,
+    plan,
     plan_baseline,
     plan_patchgd,
 )
@@ -60,6 +64,18 @@ def test_killed_and_failing_workloads_are_reported() -> None:
     assert failed.status == "error" and "FileNotFoundError" in failed.reason
     unknown = measure_peak("worker.patchgd.memory:no_such_function")
     assert unknown.status == "error" and "cannot load workload" in unknown.reason
+
+
+def test_workloads_that_cannot_run_in_a_child_are_refused() -> None:
+    with pytest.raises(ValueError, match="module-level function"):
+        measure_peak(lambda: 1)
+    with pytest.raises(ValueError, match="JSON values"):
+        measure_peak(allocate_and_touch, object())
+
+
+def test_timeout_kills_the_child() -> None:
+    result = measure_peak("time:sleep", 600, timeout_s=20)
+    assert result.status == "timeout" and not result.fits and result.wall_s < 120
 
 
 def _small_cfg(**overrides) -> PatchGDConfig:
@@ -156,3 +172,36 @@ def test_cuda_measurement_and_budget() -> None:
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert 0 < fraction <= 1
+
+
+def test_synthetic_source_makes_only_the_requested_patches() -> None:
+    cfg = _small_cfg(image_size=65536, patch_size=128)
+    source = SyntheticPatchSource(2, 3, cfg.grid)
+    patches = source.patches(torch.tensor([[0, 5, 9], [1, 2, 3]]))
+    assert patches.shape == (2, 3, 3, 128, 128) and patches.dtype == torch.float32
+
+
+def test_streamed_plan_never_holds_the_image(tmp_path) -> None:
+    # 16384^2 RGB float32 is 3 GiB: far over the budget, so only a streamed plan can fit.
+    size = 16384
+    image_bytes = size * size * 3 * 4
+    cfg = _small_cfg(image_size=size, patch_size=512, patches_per_step=8, batch_size=1)
+    cache = tmp_path / "calibration.json"
+    in_memory = plan(cfg, 0.6, cache_file=cache, verify=False)
+    assert not in_memory.fits  # the in-memory image alone is over the budget
+    streamed = plan(cfg, 0.6, cache_file=cache, streamed=True)
+    assert streamed.fits, streamed.reason
+    assert streamed.measured_bytes is not None and streamed.measured_bytes < image_bytes / 5
+    assert streamed.trials[-1]["status"] == "ok"
+    # The backbone was calibrated at the configured patch size, not at a fixed one.
+    assert calibration_patch_size(cfg) == 512
+    assert [key.split("|")[-1] for key in json.loads(cache.read_text())] == ["512"]
+
+
+def test_plan_dispatches_by_config_type() -> None:
+    base = BaselineConfig(num_classes=3, backbone="mobilenet_v3_small", image_size=512, batch_size=2)
+    chosen = plan(base, 0.2, calibration=Calibration(548.0, 0), verify=False)
+    assert chosen.algorithm == "baseline" and chosen.fits
+    assert plan(_small_cfg(), 1.0, calibration=Calibration(500.0, 0), verify=False).algorithm == "patchgd"
+    with pytest.raises(ValueError, match="cannot be planned streamed"):
+        plan(base, 1.0, calibration=Calibration(548.0, 0), streamed=True)

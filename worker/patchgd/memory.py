@@ -1,10 +1,11 @@
 """Peak-memory measurement, an analytic memory model, and the memory-budget planner.
 
-Measurement runs a workload and reports its peak: on CPU in a spawned child process (resident set
+Measurement runs a workload and reports its peak: on CPU in a child interpreter (resident set
 size sampled every few ms, with ``ru_maxrss`` as a floor) so an out-of-memory workload cannot take
-the caller down; on CUDA with the allocator's peak statistics. The analytic model predicts the
-peak of a PatchGD or baseline training step from parameter counts and a per-backbone activation
-cost calibrated by measurement. The planner picks batch size and k (PatchGD) or batch size and
+the caller down, started with `subprocess` so it also works inside Celery's daemonic pool
+workers; on CUDA with the allocator's peak statistics. The analytic model predicts the peak of
+a PatchGD or baseline training step from parameter counts and a per-backbone activation cost
+calibrated by measurement. The planner picks batch size and k (PatchGD) or batch size and
 resolution (baseline) from the model, then verifies the choice with a short measured trial.
 """
 
@@ -14,11 +15,16 @@ import contextlib
 import dataclasses
 import gc
 import importlib
+import itertools
 import json
 import math
-import multiprocessing as mp
 import os
 import resource
+import select
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +45,11 @@ from .train import baseline_step, build_optimizer, patchgd_step
 GIB = 1 << 30
 # Adam(W) keeps param + grad + exp_avg + exp_avg_sq, four fp32 tensors per parameter.
 ADAM_BYTES_PER_PARAM = 16
+# Every optimizer step of torch's (foreach) Adam makes one parameter-sized temporary
+# (``_foreach_sqrt(exp_avg_sq)``). The allocator keeps what it frees for later tensors, so on CPU
+# the process holds it through the step's forward and backward too; measured trials of
+# ResNet18/50 otherwise peaked 4-4.5 bytes per parameter above the model.
+OPTIMIZER_WORKSPACE_BYTES_PER_PARAM = 4
 FLOAT_BYTES = 4
 # Predicted peaks are kept below this fraction of the budget: the model ignores allocator slack.
 DEFAULT_SAFETY = 0.85
@@ -197,22 +208,6 @@ def _run_measured(
             torch.cuda.empty_cache()
 
 
-def _child_main(conn: Any, fn_spec: Any, args: tuple, kwargs: dict, device: str, interval_s: float) -> None:
-    """Entry point of the measuring child: resolve, run, send the outcome over the pipe."""
-    try:
-        fn = _resolve(fn_spec)
-    except Exception as exc:  # noqa: BLE001 - reported to the parent as an error result
-        conn.send(("error", None, None, f"cannot load workload: {exc}", None))
-        return
-    outcome = _run_measured(
-        fn, args, kwargs, device, interval_s, on_baseline=lambda b: conn.send(("baseline", b))
-    )
-    try:
-        conn.send(outcome)
-    except Exception as exc:  # noqa: BLE001 - an unpicklable result must not hide the measurement
-        conn.send((outcome[0], outcome[1], outcome[2], f"result not transferable: {exc}", None))
-
-
 def _apply_limit(
     status: str, peak: int | None, reason: str | None, limit: int | None
 ) -> tuple[str, str | None]:
@@ -222,16 +217,44 @@ def _apply_limit(
     return status, reason
 
 
-def _child_context() -> Any:
-    """Fresh-process isolation without paying a torch import per measurement.
+def _workload_name(fn_spec: str | Callable[..., Any]) -> str:
+    """``"package.module:function"`` for a workload given by name or as a module-level function."""
+    if isinstance(fn_spec, str):
+        return fn_spec
+    module = getattr(fn_spec, "__module__", None)
+    name = getattr(fn_spec, "__qualname__", "")
+    if not module or module == "__main__" or not name.isidentifier():
+        raise ValueError(
+            f"{fn_spec!r} cannot run in a measuring child: give a module-level function of an "
+            "importable module, or 'package.module:function'"
+        )
+    return f"{module}:{name}"
 
-    A fork server is started once (a clean, exec'ed interpreter, like spawn) with this module and
-    torch preloaded; every measurement forks from it. The children inherit no state of the
-    caller (threads, CUDA context, open files), only the already-imported libraries.
-    """
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["worker.patchgd.memory"])
-    return ctx
+
+# The folder holding the ``worker`` package: the measuring child imports it from there whatever
+# the caller's working directory.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [_PACKAGE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def _stop_child(child: subprocess.Popen[bytes]) -> None:
+    """Kill the child if it still runs, and reap it."""
+    if child.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
+    child.wait()
+
+
+def _tail(stream: Any, limit: int = 2000) -> str:
+    stream.seek(0)
+    text = stream.read().decode("utf-8", errors="replace").strip()
+    return text[-limit:]
 
 
 def measure_peak(
@@ -246,11 +269,14 @@ def measure_peak(
 ) -> MemoryMeasurement:
     """Run a workload and measure its peak memory over the memory in use before it started.
 
-    `fn_spec` is ``"package.module:function"`` or a module-level function (it must be importable
-    in a fresh process). On CPU it runs in a child process (``isolate`` default, see
-    `_child_context`): peak RSS delta over the child's baseline. On CUDA it runs in this process
-    by default, using the allocator's peak statistics. The child is stopped (and the result is
-    ``out_of_memory``) if its RSS grows by more than `limit_bytes`; the call never raises for a
+    `fn_spec` is ``"package.module:function"`` or a module-level function. On CPU it runs in a
+    child interpreter (``isolate`` default): ``python -m worker.patchgd.measure_child``, started
+    with `subprocess`, so measuring works inside daemonic processes such as Celery's prefork pool
+    workers, where `multiprocessing` children are forbidden. Arguments and the result travel as
+    JSON. The peak is the child's RSS growth over its baseline (interpreter + torch, reported in
+    ``baseline_bytes``). On CUDA it runs in this process by default, using the allocator's peak
+    statistics. The child is killed (and the result is ``out_of_memory``) if its RSS grows by more
+    than `limit_bytes`, and killed (``timeout``) after `timeout_s`; the call never raises for a
     failing or killed workload.
     """
     isolate = not device.startswith("cuda") if isolate is None else isolate
@@ -264,33 +290,63 @@ def measure_peak(
             device, status, peak, baseline, time.perf_counter() - started, reason, result
         )
 
-    ctx = _child_context()
-    receiver, sender = ctx.Pipe(duplex=False)
-    child = ctx.Process(
-        target=_child_main, args=(sender, fn_spec, args, kwargs, device, interval_s), daemon=True
-    )
-    child.start()
-    sender.close()
-    baseline: int | None = None
-    watched = psutil.Process(child.pid)
-    outcome: tuple | None = None
-    stopped_reason: str | None = None
     try:
-        while outcome is None:
-            if receiver.poll(0.02):
-                try:
-                    message = receiver.recv()
-                except EOFError:
-                    break
-                if message[0] == "baseline":
-                    baseline = message[1]
-                else:
-                    outcome = message
+        spec = json.dumps(
+            {
+                "fn": _workload_name(fn_spec),
+                "args": list(args),
+                "kwargs": kwargs,
+                "device": device,
+                "interval_s": interval_s,
+                "parent_pid": os.getpid(),
+            }
+        )
+    except TypeError as exc:
+        raise ValueError(f"workload arguments must be JSON values for a measuring child: {exc}") from exc
+    read_fd, write_fd = os.pipe()
+    output = tempfile.TemporaryFile()  # noqa: SIM115 - closed below, after the child is gone
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "worker.patchgd.measure_child", str(write_fd)],
+            stdin=subprocess.PIPE,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            pass_fds=(write_fd,),
+            # Same process group as the caller: a signal to a stopping worker's group reaches it.
+            env=_child_env(),
+        )
+    except BaseException:
+        os.close(read_fd)
+        output.close()
+        raise
+    finally:
+        os.close(write_fd)
+    baseline: int | None = None
+    outcome: dict[str, Any] | None = None
+    stopped_reason: str | None = None
+    pending = b""
+    try:
+        assert child.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            child.stdin.write(spec.encode("utf-8"))
+        with contextlib.suppress(BrokenPipeError):
+            child.stdin.close()
+        watched = psutil.Process(child.pid)
+        eof = False
+        while outcome is None and not eof:
+            ready, _, _ = select.select([read_fd], [], [], 0.02)
+            if ready:
+                chunk = os.read(read_fd, 1 << 16)
+                eof = not chunk
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    message = json.loads(line)
+                    if message["kind"] == "baseline":
+                        baseline = int(message["bytes"])
+                    else:
+                        outcome = message
                 continue
-            if not child.is_alive():
-                if receiver.poll(0.1):
-                    continue
-                break
             if timeout_s is not None and time.perf_counter() - started > timeout_s:
                 stopped_reason = f"timeout after {timeout_s:.0f} s"
                 break
@@ -306,37 +362,40 @@ def measure_peak(
                         f"{limit_bytes / GIB:.2f} GiB"
                     )
                     break
+        if outcome is not None or eof:
+            # The child has reported (or closed its end): give it a moment to exit on its own.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=30)
     finally:
-        if child.is_alive() and outcome is None:
-            child.kill()
-        child.join(timeout=30)
-        receiver.close()
+        _stop_child(child)
+        os.close(read_fd)
+    log = _tail(output)
+    output.close()
     wall = time.perf_counter() - started
     if outcome is not None:
-        status, peak, base, reason, result = outcome
-        status, reason = _apply_limit(status, peak, reason, limit_bytes)
-        return MemoryMeasurement(
-            device, status, peak, base if base is not None else baseline, wall, reason, result
-        )
+        peak = outcome.get("peak")
+        status, reason = _apply_limit(outcome["status"], peak, outcome.get("reason"), limit_bytes)
+        base = outcome.get("baseline")
+        base = base if base is not None else baseline
+        return MemoryMeasurement(device, status, peak, base, wall, reason, outcome.get("result"))
     if stopped_reason is not None:
         status = "timeout" if stopped_reason.startswith("timeout") else "out_of_memory"
         return MemoryMeasurement(device, status, None, baseline, wall, stopped_reason)
-    code = child.exitcode
+    code = child.returncode
     if code is not None and code < 0:
         name = _signal_name(-code)
         if -code == 9:
-            # Nothing in the workload sends SIGKILL; the kernel's OOM killer does.
+            # Nothing in the workload sends SIGKILL; the kernel's out-of-memory killer does.
             reason = f"killed by {name} (most likely the kernel's out-of-memory killer)"
             return MemoryMeasurement(device, "out_of_memory", None, baseline, wall, reason)
         return MemoryMeasurement(device, "error", None, baseline, wall, f"killed by {name}")
+    detail = f": {log}" if log else ""
     return MemoryMeasurement(
-        device, "error", None, baseline, wall, f"workload process exited with code {code}"
+        device, "error", None, baseline, wall, f"workload process exited with code {code}{detail}"
     )
 
 
 def _signal_name(number: int) -> str:
-    import signal
-
     try:
         return signal.Signals(number).name
     except ValueError:
@@ -527,11 +586,11 @@ def estimate_patchgd_bytes(
 ) -> MemoryEstimate:
     """Predicted peak of one PatchGD training step.
 
-    params + grads + Adam state (16 B/param) + k*B*c*P^2 activations of the patches re-encoded
-    with gradient + Z (the map, its grad-carrying copy and its gradient) + head activations + the
-    image buffer (the whole normalized batch in memory, or only the patches in flight when
-    streaming) + the calibrated fixed overhead of a step. `bytes_per_pixel` and
-    `overhead_bytes` come from `calibrate_backbone`.
+    params + grads + Adam state (16 B/param) + Adam's step temporary (4 B/param) + k*B*c*P^2
+    activations of the patches re-encoded with gradient + Z (the map, its grad-carrying copy and
+    its gradient) + head activations + the image buffer (the whole normalized batch in memory, or
+    only the patches in flight when streaming) + the calibrated fixed overhead of a step.
+    `bytes_per_pixel` and `overhead_bytes` come from `calibrate_backbone`.
     """
     batch = cfg.batch_size if batch_size is None else batch_size
     k = cfg.k if patches_per_step is None else patches_per_step
@@ -545,6 +604,7 @@ def estimate_patchgd_bytes(
     pixels_in_flight = batch * k * 3 * p * p
     terms = {
         "params_grads_optimizer": ADAM_BYTES_PER_PARAM * (backbone_params + head_params),
+        "optimizer_workspace": OPTIMIZER_WORKSPACE_BYTES_PER_PARAM * (backbone_params + head_params),
         "activations": int(math.ceil(k * batch * bytes_per_pixel * p * p)),
         "latent_map": 3 * z_cells * FLOAT_BYTES,
         "head_activations": head_act,
@@ -562,12 +622,14 @@ def estimate_baseline_bytes(
     image_size: int | None = None,
     overhead_bytes: int = 0,
 ) -> MemoryEstimate:
-    """Predicted peak of one full-image baseline step: params/grads/Adam + B*c*S^2 + the image +
+    """Predicted peak of one full-image baseline step: params/grads/Adam (+ its step temporary) +
+    B*c*S^2 + the image +
     the calibrated fixed overhead."""
     batch = cfg.batch_size if batch_size is None else batch_size
     s = cfg.image_size if image_size is None else image_size
     terms = {
         "params_grads_optimizer": ADAM_BYTES_PER_PARAM * _baseline_param_count(cfg),
+        "optimizer_workspace": OPTIMIZER_WORKSPACE_BYTES_PER_PARAM * _baseline_param_count(cfg),
         "activations": int(math.ceil(batch * bytes_per_pixel * s * s)),
         "image_buffer": batch * 3 * s * s * FLOAT_BYTES,
         "runtime_overhead": overhead_bytes,
@@ -601,6 +663,32 @@ def warm_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 # The first inner iteration allocates the gradients during its backward; from the second on they
 # are alive during the forward too. Two iterations therefore reach the step's steady-state peak.
 TRIAL_INNER_ITERATIONS = 2
+# The fill pass encodes chunk after chunk without gradients into a Z that exists in full from the
+# start; every chunk allocates and frees the same, so its peak is reached at the first chunk and
+# is below an inner iteration's (same k patches, with gradients). A trial encodes only this many
+# fill chunks: the same peak, without a forward over the whole S x S image (minutes on a CPU).
+TRIAL_FILL_CHUNKS = 2
+
+
+class SyntheticPatchSource:
+    """A `PatchSource` of random patches made on demand: a streamed image that never exists.
+
+    Each call generates only the requested ``[B, k, C, P, P]`` patches, like a streaming reader
+    decodes only the regions it is asked for, so a measured trial over it holds the patches in
+    flight and nothing of size S^2. Patch values are random (memory does not depend on them).
+    """
+
+    def __init__(self, batch_size: int, channels: int, grid: Any, seed: int = 0) -> None:
+        self.batch_size = batch_size
+        self.channels = channels
+        self.grid = grid
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def patches(self, indices: torch.Tensor) -> torch.Tensor:
+        """Random float32 patches ``[B, k, C, P, P]`` for ``[k]`` or ``[B, k]`` indices."""
+        k = torch.as_tensor(indices).shape[-1]
+        p = int(self.grid.patch_size)
+        return torch.randn(self.batch_size, k, self.channels, p, p, generator=self._generator)
 
 
 def patchgd_trial(
@@ -608,26 +696,39 @@ def patchgd_trial(
     device: str,
     inner_iterations: int = TRIAL_INNER_ITERATIONS,
     streamed_from: str | None = None,
+    streamed: bool = False,
+    fill_chunks: int | None = TRIAL_FILL_CHUNKS,
 ) -> dict[str, float]:
     """A partial PatchGD outer step (fill pass + `inner_iterations` inner iterations): the
     workload the planner and benchmarks measure. Runs inside `measure_peak`.
 
-    Random images held in memory, or, with `streamed_from`, one image whose patches are read from
-    that file region by region (batch 1) as `StreamingPatchSource` does in training.
+    Random images held in memory; with `streamed`, a `SyntheticPatchSource` that makes patches
+    on demand (the whole batch is never in memory); with `streamed_from`, one image whose patches
+    are read from that file region by region (batch 1) as `StreamingPatchSource` does in training.
+    The fill pass stops after `fill_chunks` chunks (None: all), see `TRIAL_FILL_CHUNKS`.
     """
     cfg = PatchGDConfig.from_dict(cfg_dict)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = build_patchgd_model(cfg, load_pretrained=False).to(device)
     model.train()
+    if fill_chunks is not None:
+        full_fill = model.fill_latent
+
+        def bounded_fill(source: Any, chunk_order: Any, **options: Any) -> torch.Tensor:
+            return full_fill(source, itertools.islice(chunk_order, fill_chunks), **options)
+
+        model.fill_latent = bounded_fill
     optimizer = build_optimizer(model, cfg)
     warm_optimizer_state(model, optimizer)
     with contextlib.ExitStack() as stack:
-        if streamed_from is None:
+        if streamed_from is not None:
+            reader = stack.enter_context(open_region_reader(streamed_from, level=0))
+            source: Any = StreamingPatchSource(reader, cfg.grid)
+        elif streamed:
+            source = SyntheticPatchSource(cfg.batch_size, cfg.in_channels, cfg.grid, seed=cfg.seed)
+        else:
             shape = (cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size)
             source = TensorPatchSource(torch.randn(shape, generator=generator).to(device), cfg.grid)
-        else:
-            reader = stack.enter_context(open_region_reader(streamed_from, level=0))
-            source = StreamingPatchSource(reader, cfg.grid)
         labels = torch.randint(0, cfg.num_classes, (source.batch_size,), generator=generator)
         stats = patchgd_step(
             model, optimizer, source, labels, cfg, generator=generator, max_inner_iterations=inner_iterations
@@ -782,6 +883,7 @@ def _search(
                 "batch_size": chosen.batch_size,
                 **chosen.fields,
                 "predicted_bytes": predicted,
+                "predicted_terms": chosen.estimate.terms,
                 **measured.to_dict(),
             }
         )
@@ -826,6 +928,16 @@ def _search(
     )
 
 
+def calibration_patch_size(cfg: PatchGDConfig | BaselineConfig) -> int:
+    """The patch size the backbone is calibrated at for `cfg`: PatchGD's own patch size (the
+    activation cost per pixel depends on it, through padding, rounding of strided layers and
+    the fixed-size pooled tail), or for the baseline the image size capped at 256 px (the
+    per-pixel cost settles by then, and a bigger calibration would cost as much as the step)."""
+    if isinstance(cfg, PatchGDConfig):
+        return int(cfg.patch_size)
+    return int(min(cfg.image_size, 256))
+
+
 def _model_terms(
     cfg: PatchGDConfig | BaselineConfig,
     device: str,
@@ -840,6 +952,7 @@ def _model_terms(
             device=device,
             bf16=cfg.use_bf16(dev_type),
             channels_last=cfg.use_channels_last(dev_type),
+            patch_size=calibration_patch_size(cfg),
             cache_file=cache_file,
         )
     return {"bytes_per_pixel": calibration.bytes_per_pixel, "overhead_bytes": calibration.overhead_bytes}
@@ -855,25 +968,28 @@ def plan_patchgd(
     max_trials: int = 3,
     calibration: Calibration | None = None,
     cache_file: str | os.PathLike[str] | None = None,
+    streamed: bool = False,
 ) -> Plan:
     """Choose batch size and k (patches per inner step) so a PatchGD step stays under the budget.
 
-    `calibration` defaults to a (cached) measurement of the backbone on `device`.
-    The analytic model picks the first (batch, k) whose prediction is under `safety` x budget
-    (keeping the batch and shrinking k first), then a measured trial (fill pass + two inner
-    iterations) confirms it; a measured peak over the budget shrinks the choice and tries again.
-    Prediction and trial hold the whole batch of images in memory, so for streamed inputs the
-    plan is conservative by that buffer (B x 3 x S^2 x 4 bytes).
+    `calibration` defaults to a (cached) measurement of the backbone at the configured patch
+    size on `device`. The analytic model picks the first (batch, k) whose prediction is under
+    `safety` x budget (keeping the batch and shrinking k first), then a measured trial (fill pass
+    + two inner iterations) confirms it; a measured peak over the budget shrinks the choice and
+    tries again. With `streamed`, prediction and trial hold only the patches in flight (the trial
+    reads a `SyntheticPatchSource`), never the B x 3 x S^2 image buffer.
     """
     budget = _check_budget(budget_gib)
     model_terms = _model_terms(cfg, device, calibration, cache_file)
     candidates = [
         _Candidate(
             batch_size=batch,
-            estimate=estimate_patchgd_bytes(cfg, **model_terms, batch_size=batch, patches_per_step=k),
+            estimate=estimate_patchgd_bytes(
+                cfg, **model_terms, streaming=streamed, batch_size=batch, patches_per_step=k
+            ),
             config=_with(cfg, batch, k),
-            label=f"batch {batch}, k={k}",
-            trial_args=(TRIAL_INNER_ITERATIONS,),
+            label=f"batch {batch}, k={k}" + (" (streamed)" if streamed else ""),
+            trial_args=(TRIAL_INNER_ITERATIONS, None, streamed),
             fields={"patches_per_step": k},
         )
         for batch, k in _patchgd_candidates(cfg)
@@ -952,3 +1068,31 @@ def plan_baseline(
         max_trials=max_trials,
         nothing_fits=nothing_fits,
     )
+
+
+def plan(
+    cfg: PatchGDConfig | BaselineConfig,
+    budget_gib: float,
+    device: str = "cpu",
+    *,
+    streamed: bool = False,
+    safety: float = DEFAULT_SAFETY,
+    verify: bool = True,
+    max_trials: int = 3,
+    calibration: Calibration | None = None,
+    cache_file: str | os.PathLike[str] | None = None,
+) -> Plan:
+    """Plan a training run of either algorithm under `budget_gib` (see `plan_patchgd` and
+    `plan_baseline`). `streamed` means PatchGD reads patches on demand from a streamed source, so
+    neither the prediction nor the measured trial holds the image; the baseline always needs the
+    whole image in memory, so it cannot be planned streamed."""
+    options = dict(
+        safety=safety, verify=verify, max_trials=max_trials, calibration=calibration, cache_file=cache_file
+    )
+    if isinstance(cfg, PatchGDConfig):
+        return plan_patchgd(cfg, budget_gib, device, streamed=streamed, **options)
+    if isinstance(cfg, BaselineConfig):
+        if streamed:
+            raise ValueError("the baseline trains on whole images in memory; it cannot be planned streamed")
+        return plan_baseline(cfg, budget_gib, device, **options)
+    raise TypeError(f"expected a PatchGDConfig or BaselineConfig, got {type(cfg).__name__}")
