@@ -8,11 +8,12 @@ same argon2 cost.
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import false, func, select, update
 from sqlalchemy.orm import Session
 
 from backend.accounts import sessions as session_service
@@ -32,6 +33,8 @@ PENDING_STALE_SECONDS = 30
 #: :func:`_reserve_attempt`), and how often it looks again meanwhile.
 PENDING_WAIT_SECONDS = 10.0
 PENDING_POLL_SECONDS = 0.05
+#: Advisory lock (Postgres) that serializes sign-in reservations; any constant unique to this use.
+RESERVATION_LOCK_KEY = 0x7E55E7A1
 
 
 @dataclass(frozen=True)
@@ -110,9 +113,11 @@ def throttle_retry_after(
     window = timedelta(seconds=settings.login_window_seconds)
     since = now - window
     failed = LoginAttempt.success.is_(False) & (LoginAttempt.at > since)
+    being_checked = LoginAttempt.pending.is_(True) & (
+        LoginAttempt.at >= now - timedelta(seconds=PENDING_STALE_SECONDS)
+    )
     if not include_pending:
-        stale = now - timedelta(seconds=PENDING_STALE_SECONDS)
-        failed &= LoginAttempt.pending.is_(False) | (LoginAttempt.at < stale)
+        failed &= ~being_checked
     if exclude_id is not None:
         failed &= LoginAttempt.id != exclude_id
 
@@ -154,47 +159,56 @@ def throttle_retry_after(
     return min(account_retry, ip_clean_in)
 
 
+def _lock_reservations(session: Session) -> None:
+    """Serialize reservations: one transaction at a time counts the attempts and adds its own.
+
+    Only this short count-and-insert is serialized, never a password check. Postgres takes a
+    transaction-level advisory lock; SQLite takes its database write lock by starting with a
+    write (a deferred transaction that read first could not write after another's commit).
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(RESERVATION_LOCK_KEY)))
+    else:
+        session.execute(update(LoginAttempt).where(false()).values(pending=LoginAttempt.pending))
+
+
 def _reserve_attempt(session: Session, settings: Settings, key: str, *, ip: str) -> int:
     """Record the attempt as a pending failure before the password is checked, or raise when throttled.
 
-    The row is committed at once in a transaction of its own, *then* the earlier attempts are
-    counted, the pending ones as failures: every concurrent attempt sees the rows committed
-    before its count, so at most ``login_max_failures`` of a burst against one account
-    (``login_ip_max_failures`` from one IP) get as far as a password check.
+    Counting the earlier attempts (those still being checked count as failures) and adding this
+    one happen in one serialized transaction of its own, committed at once, so at most
+    ``login_max_failures`` attempts of a burst against one account (``login_ip_max_failures``
+    from one IP) get as far as a password check, and the attempt counts even though the
+    request's transaction is rolled back when the password is wrong.
 
-    When the limit is reached only because of attempts still being checked, this one takes its
-    row back and waits for them (up to ``PENDING_WAIT_SECONDS``): if they were right passwords,
-    the count starts again after their success and this attempt goes on; if they failed, it is
-    refused. So a burst of right passwords (many browsers or scripts signing in at once) is
-    checked ten at a time instead of being refused, and a burst of wrong ones still gets at most
-    ten checks. The request's own connection is not used here: it may be the only one the pool
-    has left.
+    When the limit is reached only because of attempts still being checked, this one waits for
+    them (up to ``PENDING_WAIT_SECONDS``, polling): if they were right passwords, the count
+    starts again after their success and this attempt goes on; if they failed, it is refused.
+    So a burst of right passwords (many scripts signing in at once) is checked ten at a time
+    instead of being refused, and a burst of wrong ones still gets at most ten checks. The
+    request's own connection is not used here: it may be the only one the pool has left.
     """
     ip = ip[:IP_MAX]
     deadline = time.monotonic() + PENDING_WAIT_SECONDS
-    while True:
-        now = utcnow()
-        with Session(bind=session.get_bind()) as own:
+    with Session(bind=session.get_bind()) as own:
+        while True:
+            now = utcnow()
             with own.begin():
-                row = LoginAttempt(username=key, success=False, pending=True, at=now, ip=ip)
-                own.add(row)
-                own.flush()
-                attempt_id = row.id
-            with own.begin():
-                retry_after = throttle_retry_after(own, settings, key, now, ip=ip, exclude_id=attempt_id)
+                _lock_reservations(own)
+                retry_after = throttle_retry_after(own, settings, key, now, ip=ip)
                 if retry_after is None:
-                    return attempt_id
-                settled = throttle_retry_after(
-                    own, settings, key, now, ip=ip, exclude_id=attempt_id, include_pending=False
+                    row = LoginAttempt(username=key, success=False, pending=True, at=now, ip=ip)
+                    own.add(row)
+                    own.flush()
+                    return row.id
+                settled = throttle_retry_after(own, settings, key, now, ip=ip, include_pending=False)
+            if settled is not None or time.monotonic() >= deadline:
+                retry_after = settled or retry_after
+                raise TooManyRequests(
+                    f"Too many failed sign-in attempts. Try again in {retry_after} seconds.",
+                    retry_after=retry_after,
                 )
-                own.execute(delete(LoginAttempt).where(LoginAttempt.id == attempt_id))
-        if settled is not None or time.monotonic() >= deadline:
-            retry_after = settled or retry_after
-            raise TooManyRequests(
-                f"Too many failed sign-in attempts. Try again in {retry_after} seconds.",
-                retry_after=retry_after,
-            )
-        time.sleep(PENDING_POLL_SECONDS)
+            time.sleep(PENDING_POLL_SECONDS * (1 + random.random()))
 
 
 def _settle_failure(session: Session, attempt_id: int) -> None:
