@@ -23,18 +23,28 @@ logger = logging.getLogger(__name__)
 #: Queue every task goes to unless a route says otherwise. It is Celery's own default name, so
 #: a client with Celery's defaults reaches the same workers.
 DEFAULT_QUEUE = "celery"
+#: Queue of the short jobs (dataset validation, demo data) that must never wait behind a training.
+#: ``tessera serve``'s worker consumes both queues; a GPU-only worker can consume the default alone.
+LIGHT_QUEUE = "tessera.light"
 #: Queue that ``/healthz`` declares to prove a real round trip to the broker; no worker reads it.
 HEALTH_QUEUE = "tessera.health"
 
 #: Task names, sent by the web process and registered by the worker.
 SYSTEM_PING = "system.ping"
 ACCOUNTS_PRUNE = "accounts.prune"
+DATASETS_VALIDATE = "datasets.validate"
+
+#: Task name -> Celery route; tasks not listed go to :data:`DEFAULT_QUEUE`. The client and the
+#: worker's Celery app both use it, so a task is sent to the queue its workers read.
+TASK_ROUTES: dict[str, dict[str, str]] = {DATASETS_VALIDATE: {"queue": LIGHT_QUEUE}}
 
 
 @lru_cache
 def _client(broker_url: str) -> Celery:
     app = Celery("tessera-client", broker=broker_url)
-    app.conf.update(task_ignore_result=True, broker_connection_retry_on_startup=False)
+    app.conf.update(
+        task_ignore_result=True, broker_connection_retry_on_startup=False, task_routes=TASK_ROUTES
+    )
     return app
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from celery import Celery
 
 from backend.config import Settings, get_settings
-from backend.queue import ACCOUNTS_PRUNE, DEFAULT_QUEUE
+from backend.queue import ACCOUNTS_PRUNE, DEFAULT_QUEUE, TASK_ROUTES
 
 #: How long Redis keeps an unacknowledged message before handing it to another worker.
 #: Training runs for hours and messages are acknowledged only when a task ends, so this must
@@ -20,7 +20,7 @@ REDIS_VISIBILITY_TIMEOUT_SECONDS = 48 * 3600
 
 
 #: The modules that register tasks, one per domain (each task's name comes from ``backend.queue``).
-TASK_MODULES = ["worker.tasks.system", "worker.tasks.accounts"]
+TASK_MODULES = ["worker.tasks.system", "worker.tasks.accounts", "worker.tasks.datasets"]
 
 
 def broker_transport_options(broker_url: str) -> dict[str, object]:
@@ -59,6 +59,8 @@ def create_celery(settings: Settings) -> Celery:
         # message, decides who owns the task.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_default_queue=DEFAULT_QUEUE,
+        # Short jobs (dataset validation) go to the light queue, never behind a training.
+        task_routes=TASK_ROUTES,
         timezone="UTC",
         enable_utc=True,
         # Periodic tasks, sent by Celery beat (which `tessera serve` starts because this is not empty).
