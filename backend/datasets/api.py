@@ -56,6 +56,7 @@ ThumbnailIndex = Annotated[int, Path(ge=0, le=MAX_ROW_ID)]
         403: {"model": ErrorResponse},
         404: {"model": ErrorResponse},
         413: {"model": ErrorResponse, "description": "Over the upload size limit or the storage quota."},
+        422: {"model": ErrorResponse, "description": "The name or the file field is missing or invalid."},
     },
 )
 async def upload_dataset(request: Request, settings: SettingsDep) -> DatasetRead:

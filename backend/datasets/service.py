@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from backend.config import Settings
 from backend.db import run_after_commit, session_scope
-from backend.errors import AppError, Conflict, Invalid, NotFound
+from backend.errors import AppError, Conflict, NotFound
 from backend.models import DATASET_NAME_MAX_LENGTH, Dataset, DatasetStatus, User
 from backend.models.base import utcnow
 from backend.queue import DATASETS_VALIDATE, enqueue_after_commit
@@ -51,6 +51,14 @@ class QuotaExceeded(AppError):
     default_detail = "Your storage quota is used up."
 
 
+class FormInvalid(AppError):
+    """A field of the upload form is missing or not acceptable (the body itself parsed)."""
+
+    status_code = 422
+    code = "validation_error"
+    default_detail = "The form is not valid."
+
+
 def dataset_dir(settings: Settings, dataset_id: int) -> Path:
     """The folder of dataset ``dataset_id``: everything it owns is under it."""
     return settings.data_dir / DATASETS_DIR / str(int(dataset_id))
@@ -65,9 +73,9 @@ def clean_name(name: str) -> str:
     """A dataset name, trimmed; 1 to ``DATASET_NAME_MAX_LENGTH`` characters, no control characters."""
     cleaned = " ".join(name.split())
     if not cleaned:
-        raise Invalid("Give the dataset a name.")
+        raise FormInvalid("Give the dataset a name.")
     if len(cleaned) > DATASET_NAME_MAX_LENGTH:
-        raise Invalid(f"The dataset name is longer than {DATASET_NAME_MAX_LENGTH} characters.")
+        raise FormInvalid(f"The dataset name is longer than {DATASET_NAME_MAX_LENGTH} characters.")
     return cleaned
 
 

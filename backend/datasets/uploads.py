@@ -242,10 +242,10 @@ async def receive_dataset_upload(request: Request, settings: Settings) -> Datase
         if not form.ended:
             raise Invalid("The multipart body ended before its closing boundary.")
         if dataset_id is None or handle is None:
-            raise Invalid("The form has no file part: send the archive in the field 'file'.")
+            raise service.FormInvalid("The form has no file part: send the archive in the field 'file'.")
         name = form.text("name")
         if name is None:
-            raise Invalid("The form has no name field: give the dataset a name.")
+            raise service.FormInvalid("The form has no name field: give the dataset a name.")
         service.clean_name(name)
         await run_in_threadpool(handle.close)
         handle = None

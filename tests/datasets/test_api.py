@@ -213,18 +213,20 @@ def test_page_upload_needs_the_csrf_header(client, make_user, login, settings):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "status", "message"),
     [
-        ({"data": {"name": "x"}}, "multipart/form-data"),
-        ({"files": {"file": ("a.zip", b"PK", "application/zip")}}, "no name"),
-        ({"data": {"name": "x"}, "files": {"other": ("a.zip", b"PK", "application/zip")}}, "no file"),
-        ({"data": {"name": "   "}, "files": {"file": ("a.zip", b"PK", "application/zip")}}, "name"),
+        ({"data": {"name": "x"}}, 400, "multipart/form-data"),
+        ({"files": {"file": ("a.zip", b"PK", "application/zip")}}, 422, "no name"),
+        ({"data": {"name": "x"}, "files": {"other": ("a.zip", b"PK", "application/zip")}}, 422, "no file"),
+        ({"data": {"name": "   "}, "files": {"file": ("a.zip", b"PK", "application/zip")}}, 422, "name"),
     ],
 )
-def test_malformed_forms_are_400_and_leave_nothing(client, make_user, bearer, settings, kwargs, message):
+def test_malformed_forms_are_refused_and_leave_nothing(
+    client, make_user, bearer, settings, kwargs, status, message
+):
     auth = bearer(client, make_user())
     response = client.post("/api/v1/datasets", headers=auth, **kwargs)
-    assert response.status_code == 400, response.text
+    assert response.status_code == status, response.text
     assert message in response.json()["detail"]
     assert rows(settings) == [] and dataset_folders(settings) == []
 
