@@ -204,9 +204,29 @@ def serve(settings: Settings) -> int:
             flush=True,
         )
         return 1
+    if settings.demo_dataset_on_serve:
+        _register_demo(settings)
     print(banner(settings, admin_password), flush=True)
     commands = child_commands(settings, with_beat=bool(celery_app.conf.beat_schedule))
     return supervise(commands, child_environment(settings))
+
+
+def _register_demo(settings: Settings) -> None:
+    """Give a newcomer a dataset to start with: the small UltraMNIST demo for the first user, when
+    no dataset exists yet (its worker job builds and validates it in a few seconds)."""
+    from backend.datasets.service import ensure_serve_demo
+
+    try:
+        with session_scope(settings) as session:
+            demo = ensure_serve_demo(session, settings)
+            demo_id = demo.id if demo else None
+    except Exception as exc:  # a demo must never keep the platform from starting
+        print(f"tessera: could not register the demo dataset: {exc}", file=sys.stderr, flush=True)
+        return
+    if demo_id is not None:
+        print(
+            f"tessera: registered the demo dataset {demo_id} (a worker builds and validates it).", flush=True
+        )
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:

@@ -22,10 +22,10 @@ from sqlalchemy.orm import Session
 
 from backend.config import Settings
 from backend.db import run_after_commit, session_scope
-from backend.errors import AppError, Conflict, NotFound
+from backend.errors import AppError, Conflict, Invalid, NotFound
 from backend.models import DATASET_NAME_MAX_LENGTH, Dataset, DatasetStatus, User
 from backend.models.base import utcnow
-from backend.queue import DATASETS_VALIDATE, enqueue_after_commit
+from backend.queue import DATASETS_DEMO, DATASETS_VALIDATE, enqueue_after_commit
 
 DATASETS_DIR = "datasets"
 UPLOAD_FILE = "upload"
@@ -224,6 +224,69 @@ def thumbnail_file(settings: Settings, dataset: Dataset, index: int) -> Path:
     if dataset.status != DatasetStatus.READY or index not in listed or not path.is_file():
         raise NotFound("No such thumbnail.")
     return path
+
+
+# Demo data: an UltraMNIST-style dataset built by a worker (the web process imports no numpy).
+
+#: The small demo `serve` registers for the first user when no dataset exists yet (a few seconds).
+SERVE_DEMO = {"canvas_size": 256, "count": 120, "seed": 0}
+
+
+def register_demo(
+    session: Session,
+    settings: Settings,
+    owner: User,
+    *,
+    canvas_size: int = 512,
+    count: int = 600,
+    seed: int = 0,
+    name: str | None = None,
+) -> Dataset:
+    """A demo dataset row for ``owner``; the ``datasets.demo`` job writes its archive (UltraMNIST
+    style: real MNIST digits of very different sizes on a large canvas, the label is the bucketed
+    digit sum), then it is validated like any upload."""
+    if canvas_size < 64 or count < 12:
+        raise Invalid("The demo needs canvases of at least 64 px and at least 12 images.")
+    dataset = create_dataset(
+        session,
+        settings,
+        owner.id,
+        name or f"UltraMNIST demo ({count} × {canvas_size}²)",
+        "ultramnist-demo.tar",
+        source="demo",
+    )
+    dataset.summary = {"demo": {"canvas_size": canvas_size, "count": count, "seed": seed}}
+    dataset.progress_phase = "generating"
+    session.flush()
+    enqueue_after_commit(session, settings, DATASETS_DEMO, dataset.id)
+    return dataset
+
+
+def first_admin(session: Session) -> User | None:
+    """The oldest active administrator (the default owner of demo data)."""
+    from backend.models import Role
+
+    return session.scalars(
+        select(User).where(User.role == Role.ADMIN, User.is_active.is_(True)).order_by(User.id)
+    ).first()
+
+
+def ensure_serve_demo(session: Session, settings: Settings) -> Dataset | None:
+    """Register the small demo for the first user when no dataset exists at all (``serve``)."""
+    if session.scalar(select(func.count()).select_from(Dataset)):
+        return None
+    owner = session.scalars(select(User).where(User.is_active.is_(True)).order_by(User.id)).first()
+    if owner is None:
+        return None
+    return register_demo(session, settings, owner, **SERVE_DEMO)
+
+
+def demo_options(session: Session, dataset_id: int) -> dict[str, int] | None:
+    """The options of a demo still to be built, or None (gone, deleted, or already built)."""
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.delete_requested or dataset.status != DatasetStatus.UPLOADING:
+        return None
+    return dict((dataset.summary or {}).get("demo") or {}) or None
 
 
 # The worker's side: claim, progress, cancellation, outcome.

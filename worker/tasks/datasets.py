@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from pathlib import Path
 
 from backend.config import Settings, get_settings
 from backend.datasets import service
 from backend.db import session_scope
 from backend.models import Dataset
-from backend.queue import DATASETS_VALIDATE
+from backend.queue import DATASETS_DEMO, DATASETS_VALIDATE
 from worker.celery_app import celery_app
 
 logger = logging.getLogger(__name__)
@@ -109,3 +110,63 @@ def validate_dataset(settings: Settings, dataset_id: int) -> str:
 def validate(dataset_id: int) -> str:
     """Validate the uploaded dataset ``dataset_id`` (the row says where its upload is)."""
     return validate_dataset(get_settings(), int(dataset_id))
+
+
+def _counts(count: int) -> dict[str, int]:
+    val = test = max(2, count // 6)
+    return {"train": count - val - test, "val": val, "test": test}
+
+
+def build_demo(settings: Settings, dataset_id: int) -> str:
+    """Write the demo dataset's archive (``upload``: a tar of ``images/`` and ``labels.csv``), then
+    hand it to validation like an upload (``datasets.validate``, enqueued after the commit)."""
+    import hashlib
+    import tarfile
+    import tempfile
+
+    from worker.patchgd.ultramnist import make_ultramnist
+
+    with session_scope(settings) as session:
+        options = service.demo_options(session, dataset_id)
+        if options is None:
+            dataset = session.get(Dataset, dataset_id)
+            if dataset is not None and dataset.delete_requested:
+                service.remove_dataset(session, settings, dataset_id)
+                return "deleted"
+            return "skipped"
+    folder = service.dataset_dir(settings, dataset_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".demo-") as tmp:
+        make_ultramnist(
+            tmp,
+            canvas_size=int(options["canvas_size"]),
+            counts=_counts(int(options["count"])),
+            seed=int(options["seed"]),
+        )
+        # Only what a dataset holds: the images and their labels with the split (not the answer key).
+        with tarfile.open(service.upload_path(settings, dataset_id), "w") as archive:
+            archive.add(Path(tmp) / "labels.csv", arcname="labels.csv")
+            archive.add(Path(tmp) / "images", arcname="images")
+    upload = service.upload_path(settings, dataset_id)
+    digest = hashlib.sha256()
+    with open(upload, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    try:
+        with session_scope(settings) as session:
+            service.finish_upload(session, settings, dataset_id, upload.stat().st_size, digest.hexdigest())
+    except service.NotFound:
+        with session_scope(settings) as session:
+            service.remove_dataset(session, settings, dataset_id)
+        return "deleted"
+    except (service.QuotaExceeded, service.UploadTooLarge) as exc:
+        with session_scope(settings) as session:
+            service.fail_validation(session, settings, dataset_id, exc.detail)
+        return "invalid"
+    return "validating"
+
+
+@celery_app.task(name=DATASETS_DEMO)
+def demo(dataset_id: int) -> str:
+    """Build the demo dataset ``dataset_id`` (options on its row), then queue its validation."""
+    return build_demo(get_settings(), int(dataset_id))
