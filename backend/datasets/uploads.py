@@ -144,7 +144,7 @@ class _Caller:
     used_bytes: int
 
 
-def _authenticate(request: Request, settings: Settings) -> _Caller:
+def authenticate_upload(request: Request, settings: Settings) -> _Caller:
     """Who uploads (bearer token or cookie + CSRF header) and how much of the quota they use."""
     with session_scope(settings) as session:
         principal = resolve_principal(
@@ -201,7 +201,7 @@ async def receive_dataset_upload(request: Request, settings: Settings) -> Datase
     Raises 400 (not a form, no file, no name), 401, 403 (CSRF), 413 (size limit or quota). On any
     failure, the client going away included, the row and the folder are removed.
     """
-    caller = await run_in_threadpool(_authenticate, request, settings)
+    caller = await run_in_threadpool(authenticate_upload, request, settings)
     boundary = _boundary(request)
     declared = request.headers.get("content-length", "").strip()
     if declared.isdigit():
