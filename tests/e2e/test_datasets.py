@@ -1,6 +1,6 @@
 """Datasets in a real browser against `tessera serve`: the demo dataset `serve` registers becomes
-ready; an archive uploaded from the upload page validates live; its page shows the class chart
-and thumbnails."""
+ready; an archive uploaded from the upload page (tus, resumable) validates live; its page shows the
+class chart and thumbnails."""
 
 from __future__ import annotations
 
@@ -41,12 +41,17 @@ def test_upload_validates_live_and_shows_chart_and_thumbnails(served: Served, tm
             page.get_by_role("button", name="Sign in").click()
             expect(page.locator("h1")).to_have_text("Dashboard", timeout=15_000)
 
+            requests: list[str] = []
+            page.on("request", lambda request: requests.append(f"{request.method} {request.url}"))
             page.goto(f"{served.url}/datasets/new")
             page.fill("#upload-name", "pets")
             page.set_input_files("#upload-file", str(archive))
             page.click("#upload-start")
             page.wait_for_url(re.compile(r"/datasets/\d+$"), timeout=30_000)
             expect(page.locator("h1")).to_have_text("pets")
+            # The page used the resumable (tus) upload: a creation POST, then PATCH chunks.
+            assert any(r.startswith("POST ") and r.endswith("/api/v1/datasets/uploads") for r in requests)
+            assert any(r.startswith("PATCH ") and "/api/v1/datasets/uploads/" in r for r in requests)
             # The status panel polls until the worker is done, then the page reloads with results.
             expect(page.locator("#dataset-status [data-status]")).to_have_attribute(
                 "data-status", "ready", timeout=VALIDATION_TIMEOUT_MS
