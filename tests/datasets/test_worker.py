@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from backend.config import Settings
+from backend.queue import DEFAULT_QUEUE, LIGHT_QUEUE
 from backend.supervisor import child_environment, worker_command
 from tests.datasets.helpers import bad_zip, good_zip
 
@@ -89,3 +90,10 @@ def test_a_real_worker_validates_uploads_from_the_light_queue(
     invalid = wait_for(client, auth, bad["id"], serve_worker, log)
     assert invalid["status"] == "invalid" and invalid["problems"]
     assert "datasets.validate" in log.read_text(errors="replace")
+
+
+def test_every_worker_command_reads_the_light_queue():
+    queues = f"{DEFAULT_QUEUE},{LIGHT_QUEUE}"
+    assert queues in worker_command(Settings(data_dir=REPO_ROOT / "unused"))
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert f'"--queues", "{queues}"' in dockerfile
