@@ -33,10 +33,11 @@ def _chart(summary: dict) -> list[dict]:
 
 
 def _thumbnails_by_class(summary: dict) -> dict[str, list[dict]]:
-    grouped: dict[str, list[dict]] = {}
+    """Thumbnails grouped by class, in the classes' index order."""
+    grouped: dict[str, list[dict]] = {name: [] for name in summary.get("classes", [])}
     for thumb in summary.get("thumbnails", []):
         grouped.setdefault(thumb.get("class") or "image", []).append(thumb)
-    return grouped
+    return {name: items for name, items in grouped.items() if items}
 
 
 def _context(dataset) -> dict:

@@ -4,6 +4,7 @@ class chart and thumbnails."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from tests.datasets.helpers import good_zip
 from tests.e2e.test_serve import (  # noqa: F401  (the fixture is used by name)
     CHROMIUM,
     CHROMIUM_ARGS,
+    REPO_ROOT,
     START_TIMEOUT_SECONDS,
     Served,
     pytestmark,
@@ -22,6 +24,7 @@ from tests.e2e.test_serve import (  # noqa: F401  (the fixture is used by name)
 
 #: Worker start-up, the demo (120 canvases) and one tiny upload, on a busy 2-core machine.
 VALIDATION_TIMEOUT_MS = 120_000
+DEMO_SCREENSHOT = REPO_ROOT / "docs" / "img" / "dataset-demo.png"
 
 
 def test_upload_validates_live_and_shows_chart_and_thumbnails(served: Served, tmp_path: Path) -> None:  # noqa: F811
@@ -75,5 +78,9 @@ def test_upload_validates_live_and_shows_chart_and_thumbnails(served: Served, tm
                 "data-status", "ready", timeout=VALIDATION_TIMEOUT_MS
             )
             expect(page.locator("#class-chart rect.bar")).not_to_have_count(0)
+            if os.environ.get("TESSERA_SCREENSHOTS"):
+                page.set_viewport_size({"width": 1280, "height": 2400})  # every lazy thumbnail in view
+                page.wait_for_function(all_loaded, timeout=15_000)
+                page.screenshot(path=str(DEMO_SCREENSHOT), full_page=True)
         finally:
             browser.close()
