@@ -203,11 +203,13 @@ async def append_chunk(request: Request, settings: Settings, dataset_id: int) ->
             await run_in_threadpool(_append, handle, bytes(pending))
             offset += len(pending)
     except ClientDisconnect:
-        # The connection broke: keep every byte that arrived, the client resumes after it.
+        # The connection broke: keep every byte that arrived; the client resumes after them (the
+        # answer below reaches nobody, but a dropped connection is no server error to log).
         if pending:
             _append(handle, bytes(pending))
+            offset += len(pending)
         handle.close()
-        raise
+        return offset
     except BaseException:
         handle.close()
         raise

@@ -23,7 +23,7 @@ from typing import BinaryIO
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from backend import csrf
 from backend.accounts.login import resolve_principal
@@ -250,7 +250,7 @@ async def receive_dataset_upload(request: Request, settings: Settings) -> Datase
         await run_in_threadpool(handle.close)
         handle = None
         return await run_in_threadpool(_finish, settings, dataset_id, name, size, digest.hexdigest())
-    except BaseException:
+    except BaseException as exc:
         # Refused, malformed, or the client went away (ClientDisconnect, a cancelled request):
         # nothing of this upload may stay. Run inline: the task may be cancelled already.
         if handle is not None:
@@ -258,6 +258,9 @@ async def receive_dataset_upload(request: Request, settings: Settings) -> Datase
             handle = None
         if dataset_id is not None:
             service.discard_upload(settings, dataset_id)
+        if isinstance(exc, ClientDisconnect):
+            # Nobody reads the answer; a dropped connection is not a server error to log.
+            raise Invalid("The connection closed before the upload ended; nothing was kept.") from None
         raise
     finally:
         if handle is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 
+import anyio
 from sqlalchemy import select
 
 from backend.db import session_scope
@@ -102,3 +103,75 @@ def test_tus_from_a_browser_needs_the_csrf_header(client, make_user, login):
     token = login(client, make_user())
     assert create(client, {}, 10).status_code == 403
     assert create(client, {"X-CSRF-Token": token}, 10).status_code == 201
+
+
+def _send_then_drop(
+    app, method: str, path: str, headers: dict[str, str], body: bytes, keep: int
+) -> list[dict]:
+    """Call the ASGI app the way a server does for a client whose connection drops after ``keep``
+    bytes of ``body``: the chunks arrive, then ``http.disconnect``. Returns what the app sent."""
+    chunks = [body[i : i + 65536] for i in range(0, keep, 65536)]
+    chunks[-1] = chunks[-1][: keep - 65536 * (len(chunks) - 1)]
+    messages = [{"type": "http.request", "body": chunk, "more_body": True} for chunk in chunks]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    anyio.run(app, scope, receive, send)
+    return sent
+
+
+def test_a_patch_cut_off_mid_body_keeps_what_arrived_and_resumes(client, make_user, bearer, settings):
+    auth = bearer(client, make_user())
+    archive = good_zip(per_class=6) + b""  # a few hundred KiB: several chunks
+    half = len(archive) // 2
+    location = create(client, auth, len(archive)).headers["Location"]
+    headers = {
+        **auth,
+        **TUS,
+        "Upload-Offset": "0",
+        "Content-Type": "application/offset+octet-stream",
+        "Content-Length": str(len(archive)),
+    }
+    _send_then_drop(client.app, "PATCH", location, headers, archive, half)
+
+    head = client.request("HEAD", location, headers={**auth, **TUS})
+    assert head.headers["Upload-Offset"] == str(half)  # every byte that arrived was kept
+    rest = patch(client, auth, location, half, archive[half:])
+    assert rest.status_code == 204
+    stored = settings.data_dir / "datasets" / location.rsplit("/", 1)[1] / "upload"
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == hashlib.sha256(archive).hexdigest()
+
+
+def test_a_multipart_upload_cut_off_leaves_nothing(client, make_user, bearer, settings):
+    auth = bearer(client, make_user())
+    boundary = "cut-off"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\npets\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="p.zip"\r\n\r\n'
+    ).encode() + good_zip(per_class=6)
+    headers = {**auth, "Content-Type": f"multipart/form-data; boundary={boundary}"}
+    sent = _send_then_drop(client.app, "POST", "/api/v1/datasets", headers, body, len(body) // 2)
+    assert sent[0]["status"] == 400  # not a 500: a dropped connection is no server error
+    with session_scope(settings) as session:
+        assert session.scalars(select(Dataset)).all() == []
+    root = settings.data_dir / "datasets"
+    assert not root.exists() or list(root.iterdir()) == []
