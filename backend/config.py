@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         ge=1,
         description="Per-user storage quota: the uploads of all of a user's datasets together, in bytes.",
     )
+    stale_upload_hours: float = Field(
+        default=24.0,
+        gt=0,
+        description="An upload that received no bytes for this long is removed (row, file, quota).",
+    )
     demo_dataset_on_serve: bool = Field(
         default=True,
         description="`serve` registers a small UltraMNIST-style demo dataset when no dataset exists yet.",

@@ -34,12 +34,14 @@ SYSTEM_PING = "system.ping"
 ACCOUNTS_PRUNE = "accounts.prune"
 DATASETS_VALIDATE = "datasets.validate"
 DATASETS_DEMO = "datasets.demo"
+DATASETS_PRUNE_UPLOADS = "datasets.prune_uploads"
 
 #: Task name -> Celery route; tasks not listed go to :data:`DEFAULT_QUEUE`. The client and the
 #: worker's Celery app both use it, so a task is sent to the queue its workers read.
 TASK_ROUTES: dict[str, dict[str, str]] = {
     DATASETS_VALIDATE: {"queue": LIGHT_QUEUE},
     DATASETS_DEMO: {"queue": LIGHT_QUEUE},
+    DATASETS_PRUNE_UPLOADS: {"queue": LIGHT_QUEUE},
 }
 
 

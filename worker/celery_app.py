@@ -10,7 +10,7 @@ from __future__ import annotations
 from celery import Celery
 
 from backend.config import Settings, get_settings
-from backend.queue import ACCOUNTS_PRUNE, DEFAULT_QUEUE, TASK_ROUTES
+from backend.queue import ACCOUNTS_PRUNE, DATASETS_PRUNE_UPLOADS, DEFAULT_QUEUE, TASK_ROUTES
 
 #: How long Redis keeps an unacknowledged message before handing it to another worker.
 #: Training runs for hours and messages are acknowledged only when a task ends, so this must
@@ -77,7 +77,13 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
             "schedule": float(settings.account_prune_interval_seconds),
             # A run that could not start within one interval is dropped: the next one does its work.
             "options": {"expires": float(settings.account_prune_interval_seconds)},
-        }
+        },
+        # Uploads abandoned (or cut off by a crash) are removed once stale; checked hourly at most.
+        DATASETS_PRUNE_UPLOADS: {
+            "task": DATASETS_PRUNE_UPLOADS,
+            "schedule": min(3600.0, settings.stale_upload_hours * 3600 / 4),
+            "options": {"expires": min(3600.0, settings.stale_upload_hours * 3600 / 4)},
+        },
     }
 
 

@@ -209,14 +209,21 @@ async def append_chunk(request: Request, settings: Settings, dataset_id: int) ->
             _append(handle, bytes(pending))
             offset += len(pending)
         handle.close()
+        _touch(settings, dataset_id, offset)
         return offset
     except BaseException:
         handle.close()
         raise
     handle.close()
+    await run_in_threadpool(_touch, settings, dataset_id, offset)
     if offset == length:
         await run_in_threadpool(_finalise, settings, dataset_id, length)
     return offset
+
+
+def _touch(settings: Settings, dataset_id: int, offset: int) -> None:
+    with session_scope(settings) as session:
+        service.touch_upload(session, dataset_id, offset)
 
 
 async def terminate_upload(request: Request, settings: Settings, dataset_id: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,28 @@ def thumbnail_file(settings: Settings, dataset: Dataset, index: int) -> Path:
     if dataset.status != DatasetStatus.READY or index not in listed or not path.is_file():
         raise NotFound("No such thumbnail.")
     return path
+
+
+def prune_stale_uploads(session: Session, settings: Settings, now: datetime | None = None) -> list[int]:
+    """Remove uploads that received nothing for ``stale_upload_hours`` (abandoned resumable uploads,
+    multipart uploads cut off by a crash, demos no worker built): rows now, folders after the
+    commit. Returns the ids removed."""
+    cutoff = (now or utcnow()) - timedelta(hours=settings.stale_upload_hours)
+    stale = session.scalars(
+        select(Dataset).where(Dataset.status == DatasetStatus.UPLOADING, Dataset.updated_at < cutoff)
+    ).all()
+    removed = []
+    for dataset in stale:
+        removed.append(dataset.id)
+        remove_dataset(session, settings, dataset.id)
+    return removed
+
+
+def touch_upload(session: Session, dataset_id: int, offset: int) -> None:
+    """Record that a resumable upload received bytes (its offset, and so its ``updated_at``)."""
+    session.execute(
+        update(Dataset).where(Dataset.id == dataset_id).values(progress_done=offset, updated_at=utcnow())
+    )
 
 
 # Demo data: an UltraMNIST-style dataset built by a worker (the web process imports no numpy).

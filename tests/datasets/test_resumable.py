@@ -175,3 +175,28 @@ def test_a_multipart_upload_cut_off_leaves_nothing(client, make_user, bearer, se
         assert session.scalars(select(Dataset)).all() == []
     root = settings.data_dir / "datasets"
     assert not root.exists() or list(root.iterdir()) == []
+
+
+def test_stale_uploads_are_pruned_and_others_kept(client, make_user, bearer, settings):
+    from datetime import timedelta
+
+    from backend.datasets import service
+    from backend.models.base import utcnow
+    from worker.celery_app import beat_schedule
+
+    assert "datasets.prune_uploads" in beat_schedule(settings)
+    auth = bearer(client, make_user())
+    location = create(client, auth, 1000).headers["Location"]
+    assert patch(client, auth, location, 0, b"x" * 10).status_code == 204
+    finished = client.post(
+        "/api/v1/datasets", data={"name": "kept"}, files={"file": ("k.zip", good_zip())}, headers=auth
+    ).json()["id"]
+    with session_scope(settings) as session:
+        assert service.prune_stale_uploads(session, settings) == []  # received bytes just now
+    later = utcnow() + timedelta(hours=settings.stale_upload_hours, minutes=1)
+    with session_scope(settings) as session:
+        removed = service.prune_stale_uploads(session, settings, now=later)
+    assert removed == [int(location.rsplit("/", 1)[1])]
+    with session_scope(settings) as session:
+        assert [d.id for d in session.scalars(select(Dataset))] == [finished]
+    assert not (settings.data_dir / "datasets" / str(removed[0])).exists()

@@ -17,7 +17,7 @@ from backend.config import Settings, get_settings
 from backend.datasets import service
 from backend.db import session_scope
 from backend.models import Dataset
-from backend.queue import DATASETS_DEMO, DATASETS_VALIDATE
+from backend.queue import DATASETS_DEMO, DATASETS_PRUNE_UPLOADS, DATASETS_VALIDATE
 from worker.celery_app import celery_app
 
 logger = logging.getLogger(__name__)
@@ -170,3 +170,14 @@ def build_demo(settings: Settings, dataset_id: int) -> str:
 def demo(dataset_id: int) -> str:
     """Build the demo dataset ``dataset_id`` (options on its row), then queue its validation."""
     return build_demo(get_settings(), int(dataset_id))
+
+
+@celery_app.task(name=DATASETS_PRUNE_UPLOADS)
+def prune_uploads() -> list[int]:
+    """Remove uploads that received nothing for ``stale_upload_hours`` (Celery beat)."""
+    settings = get_settings()
+    with session_scope(settings) as session:
+        removed = service.prune_stale_uploads(session, settings)
+    if removed:
+        logger.info("removed stale uploads: %s", removed)
+    return removed
