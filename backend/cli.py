@@ -67,6 +67,44 @@ def migrate(
         typer.echo(f"Database upgraded to {revision}.")
 
 
+@app.command("demo-data")
+def demo_data(
+    user: str = typer.Option(None, "--user", help="Owner of the dataset (default: the first admin)."),
+    canvas_size: int = typer.Option(512, "--canvas-size", min=64, help="Side of each square canvas, in px."),
+    count: int = typer.Option(
+        600, "--count", min=12, help="Images in all (train 2/3, val and test 1/6 each)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same images."),
+    name: str = typer.Option(None, "--name", help="Dataset name (default: describes the options)."),
+) -> None:
+    """Register an UltraMNIST-style demo dataset; a worker builds and validates it."""
+    # The generator needs numpy and PIL: the `datasets.demo` job runs it in a worker, never here.
+    from backend.datasets import service as dataset_service
+
+    settings = get_settings()
+    try:
+        with session_scope(settings) as session:
+            owner = (
+                user_service.get_by_username(session, user) if user else dataset_service.first_admin(session)
+            )
+            if owner is None:
+                _fail(
+                    f"No account named '{user}'."
+                    if user
+                    else "No admin account yet: run `tessera serve` first."
+                )
+            dataset = dataset_service.register_demo(
+                session, settings, owner, canvas_size=canvas_size, count=count, seed=seed, name=name
+            )
+            dataset_id, owner_name = dataset.id, owner.username
+    except AppError as exc:
+        _fail(exc.detail)
+    typer.echo(
+        f"Registered demo dataset {dataset_id} for '{owner_name}'; a worker builds and validates it "
+        "(`tessera serve` or `tessera worker`)."
+    )
+
+
 def _read_new_password(password_stdin: bool) -> str:
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")

@@ -103,7 +103,23 @@ class Settings(BaseSettings):
         ge=1,
         description="Largest JSON or form request body; streamed uploads have their own limits.",
     )
-    max_upload_bytes: int = Field(default=20 * 1024**3, ge=1)
+    max_upload_bytes: int = Field(
+        default=20 * 1024**3, ge=1, description="Largest dataset upload (the archive as sent), in bytes."
+    )
+    dataset_quota_bytes: int = Field(
+        default=100 * 1024**3,
+        ge=1,
+        description="Per-user storage quota: the uploads of all of a user's datasets together, in bytes.",
+    )
+    stale_upload_hours: float = Field(
+        default=24.0,
+        gt=0,
+        description="An upload that received no bytes for this long is removed (row, file, quota).",
+    )
+    demo_dataset_on_serve: bool = Field(
+        default=True,
+        description="`serve` registers a small UltraMNIST-style demo dataset when no dataset exists yet.",
+    )
     max_archive_members: int = Field(default=200_000, ge=1)
     max_extracted_bytes: int = Field(default=200 * 1024**3, ge=1)
     max_compression_ratio: float = Field(default=200.0, gt=1)

@@ -19,9 +19,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 #: Path prefixes of the routes that stream their request body and apply their own size limits.
-#: Add an upload endpoint here (for example ``"/api/v1/datasets/uploads"``) when it is written;
-#: every other body is held to ``max_request_body_bytes``.
-STREAMED_BODY_PATH_PREFIXES: tuple[str, ...] = ()
+#: Every other body is held to ``max_request_body_bytes``. ``/api/v1/datasets``: the dataset upload
+#: (``max_upload_bytes`` and the quota); its other routes take no body.
+STREAMED_BODY_PATH_PREFIXES: tuple[str, ...] = ("/api/v1/datasets",)
 
 TOO_LARGE_CODE = "too_large"
 

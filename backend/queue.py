@@ -45,16 +45,14 @@ logger = logging.getLogger(__name__)
 #: Queue every task goes to unless a route says otherwise. It is Celery's own default name, so
 #: a client with Celery's defaults reaches the same workers.
 DEFAULT_QUEUE = "celery"
+#: Queue of the short jobs (dataset validation, demo data) that must never wait behind a training.
+#: ``tessera serve``'s worker consumes both queues; a GPU-only worker can consume the default alone.
+LIGHT_QUEUE = "tessera.light"
 #: Queue that ``/healthz`` declares to prove a real round trip to the broker; no worker reads it.
 HEALTH_QUEUE = "tessera.health"
 #: How long a broker probe's answer is reused by /healthz (a burst of health checks probes once).
 HEALTH_CACHE_SECONDS = 2.0
 REDIS_SCHEMES = {"redis", "rediss", "sentinel"}
-
-#: Task names, sent by the web process and registered by the worker.
-SYSTEM_PING = "system.ping"
-ACCOUNTS_PRUNE = "accounts.prune"
-MEMORY_PLAN = "memory.plan"
 
 
 @dataclass(frozen=True)
@@ -91,6 +89,19 @@ def retry_policy() -> dict[str, Any]:
 #: Task names, sent by the web process and registered by the worker.
 SYSTEM_PING = "system.ping"
 ACCOUNTS_PRUNE = "accounts.prune"
+DATASETS_VALIDATE = "datasets.validate"
+DATASETS_DEMO = "datasets.demo"
+DATASETS_PRUNE_UPLOADS = "datasets.prune_uploads"
+#: Runs on the default queue: a plan is measured on the kind of worker that will train.
+MEMORY_PLAN = "memory.plan"
+
+#: Task name -> Celery route; tasks not listed go to :data:`DEFAULT_QUEUE`. The client and the
+#: worker's Celery app both use it, so a task is sent to the queue its workers read.
+TASK_ROUTES: dict[str, dict[str, str]] = {
+    DATASETS_VALIDATE: {"queue": LIGHT_QUEUE},
+    DATASETS_DEMO: {"queue": LIGHT_QUEUE},
+    DATASETS_PRUNE_UPLOADS: {"queue": LIGHT_QUEUE},
+}
 
 
 @lru_cache
@@ -103,6 +114,7 @@ def _client(broker_url: str, timeout: float = 3.0) -> Celery:
         broker_connection_max_retries=1,
         broker_transport_options=transport_options(broker_url, timeout),
         task_publish_retry_policy=retry_policy(),
+        task_routes=TASK_ROUTES,
     )
     return app
 

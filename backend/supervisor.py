@@ -26,6 +26,7 @@ from backend.accounts.users import ensure_first_admin
 from backend.config import Settings
 from backend.db import session_scope, upgrade_database
 from backend.errors import AppError
+from backend.queue import DEFAULT_QUEUE, LIGHT_QUEUE
 from worker.celery_app import celery_app
 
 #: Seconds the children get to finish after a stop request before they are killed.
@@ -87,6 +88,9 @@ def worker_command(settings: Settings) -> list[str]:
         settings.log_level.upper(),
         "--hostname",
         "tessera@%h",
+        # Trainings (default queue) and the short jobs (light queue: dataset validation).
+        "--queues",
+        f"{DEFAULT_QUEUE},{LIGHT_QUEUE}",
     ]
 
 
@@ -200,9 +204,29 @@ def serve(settings: Settings) -> int:
             flush=True,
         )
         return 1
+    if settings.demo_dataset_on_serve:
+        _register_demo(settings)
     print(banner(settings, admin_password), flush=True)
     commands = child_commands(settings, with_beat=bool(celery_app.conf.beat_schedule))
     return supervise(commands, child_environment(settings))
+
+
+def _register_demo(settings: Settings) -> None:
+    """Give a newcomer a dataset to start with: the small UltraMNIST demo for the first user, when
+    no dataset exists yet (its worker job builds and validates it in a few seconds)."""
+    from backend.datasets.service import ensure_serve_demo
+
+    try:
+        with session_scope(settings) as session:
+            demo = ensure_serve_demo(session, settings)
+            demo_id = demo.id if demo else None
+    except Exception as exc:  # a demo must never keep the platform from starting
+        print(f"tessera: could not register the demo dataset: {exc}", file=sys.stderr, flush=True)
+        return
+    if demo_id is not None:
+        print(
+            f"tessera: registered the demo dataset {demo_id} (a worker builds and validates it).", flush=True
+        )
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:

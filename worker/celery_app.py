@@ -10,7 +10,7 @@ from __future__ import annotations
 from celery import Celery
 
 from backend.config import Settings, get_settings
-from backend.queue import ACCOUNTS_PRUNE, DEFAULT_QUEUE
+from backend.queue import ACCOUNTS_PRUNE, DATASETS_PRUNE_UPLOADS, DEFAULT_QUEUE, TASK_ROUTES
 
 #: How long Redis keeps an unacknowledged message before handing it to another worker.
 #: Training runs for hours and messages are acknowledged only when a task ends, so this must
@@ -20,7 +20,12 @@ REDIS_VISIBILITY_TIMEOUT_SECONDS = 48 * 3600
 
 
 #: The modules that register tasks, one per domain (each task's name comes from ``backend.queue``).
-TASK_MODULES = ["worker.tasks.system", "worker.tasks.accounts", "worker.tasks.training"]
+TASK_MODULES = [
+    "worker.tasks.system",
+    "worker.tasks.accounts",
+    "worker.tasks.datasets",
+    "worker.tasks.training",
+]
 
 
 def broker_transport_options(broker_url: str) -> dict[str, object]:
@@ -59,6 +64,8 @@ def create_celery(settings: Settings) -> Celery:
         # message, decides who owns the task.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_default_queue=DEFAULT_QUEUE,
+        # Short jobs (dataset validation) go to the light queue, never behind a training.
+        task_routes=TASK_ROUTES,
         timezone="UTC",
         enable_utc=True,
         # Periodic tasks, sent by Celery beat (which `tessera serve` starts because this is not empty).
@@ -75,7 +82,13 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
             "schedule": float(settings.account_prune_interval_seconds),
             # A run that could not start within one interval is dropped: the next one does its work.
             "options": {"expires": float(settings.account_prune_interval_seconds)},
-        }
+        },
+        # Uploads abandoned (or cut off by a crash) are removed once stale; checked hourly at most.
+        DATASETS_PRUNE_UPLOADS: {
+            "task": DATASETS_PRUNE_UPLOADS,
+            "schedule": min(3600.0, settings.stale_upload_hours * 3600 / 4),
+            "options": {"expires": min(3600.0, settings.stale_upload_hours * 3600 / 4)},
+        },
     }
 
 

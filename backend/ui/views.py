@@ -30,12 +30,6 @@ def tasks(request: Request, user: CurrentUser) -> Response:
     return render(request, "ui/tasks.html", {"active": "tasks"})
 
 
-@router.get("/datasets")
-def datasets(request: Request, user: CurrentUser) -> Response:
-    """Datasets (empty state until uploads are available)."""
-    return render(request, "ui/datasets.html", {"active": "datasets"})
-
-
 @router.get("/backbones")
 def backbones(request: Request, user: CurrentUser) -> Response:
     """Backbones (empty state until the catalog is available)."""

@@ -67,6 +67,10 @@ IDENTITIES = (None, Role.MEMBER, Role.ADMIN)
 _USERNAMES = {Role.MEMBER: "generated-member", Role.ADMIN: "generated-admin"}
 
 
+# tus upload chunks are raw bytes under their own media type: sent as the octet-stream they are.
+schemathesis.serializer.alias("application/offset+octet-stream", "application/octet-stream")
+
+
 # The schema is read from the application when the module is collected (one test per operation);
 # every test then points the same application at its test database.
 APP = create_app(Settings(data_dir=Path(tempfile.gettempdir()) / "tessera-schema", secret_key="schema"))

@@ -1,0 +1,1 @@
+"""Datasets: upload, validation by a worker, the pages and the API."""

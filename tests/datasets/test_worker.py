@@ -1,0 +1,99 @@
+"""Upload → validating → ready (and → invalid) through a real Celery worker process started with
+the command line `tessera serve` uses, so the light queue is proved to be consumed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from backend.config import Settings
+from backend.queue import DEFAULT_QUEUE, LIGHT_QUEUE
+from backend.supervisor import child_environment, worker_command
+from tests.datasets.helpers import bad_zip, good_zip
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+#: Worker start-up (the SQL broker is polled once a second) plus two tiny validations.
+TIMEOUT_SECONDS = 90.0
+
+
+@pytest.fixture
+def serve_worker(settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    log = (tmp_path / "worker.log").open("wb")
+    process = subprocess.Popen(
+        worker_command(settings),
+        cwd=REPO_ROOT,
+        env=child_environment(settings),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+def wait_for(client, headers, dataset_id: int, process, log: Path) -> dict:
+    deadline = time.monotonic() + TIMEOUT_SECONDS
+    seen = set()
+    while True:
+        body = client.get(f"/api/v1/datasets/{dataset_id}", headers=headers).json()
+        seen.add(body["status"])
+        if body["status"] != "validating":
+            body["seen"] = seen
+            return body
+        assert process.poll() is None, f"worker exited early:\n{log.read_text(errors='replace')}"
+        assert time.monotonic() < deadline, (
+            f"still validating; worker log:\n{log.read_text(errors='replace')}"
+        )
+        time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_a_real_worker_validates_uploads_from_the_light_queue(
+    settings, client, make_user, bearer, serve_worker, tmp_path
+):
+    assert "tessera.light" in " ".join(worker_command(settings))
+    auth = bearer(client, make_user())
+    good = client.post(
+        "/api/v1/datasets",
+        data={"name": "pets"},
+        files={"file": ("pets.zip", good_zip(), "application/zip")},
+        headers=auth,
+    ).json()
+    bad = client.post(
+        "/api/v1/datasets",
+        data={"name": "broken"},
+        files={"file": ("broken.zip", bad_zip(), "application/zip")},
+        headers=auth,
+    ).json()
+    assert good["status"] == bad["status"] == "validating"
+
+    log = tmp_path / "worker.log"
+    ready = wait_for(client, auth, good["id"], serve_worker, log)
+    assert ready["status"] == "ready", ready
+    assert ready["summary"]["class_counts"] == {"cat": 3, "dog": 3}
+    assert ready["progress"]["done"] == ready["progress"]["total"] > 0
+    invalid = wait_for(client, auth, bad["id"], serve_worker, log)
+    assert invalid["status"] == "invalid" and invalid["problems"]
+    assert "datasets.validate" in log.read_text(errors="replace")
+
+
+def test_every_worker_command_reads_the_light_queue():
+    queues = f"{DEFAULT_QUEUE},{LIGHT_QUEUE}"
+    assert queues in worker_command(Settings(data_dir=REPO_ROOT / "unused"))
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert f'"--queues", "{queues}"' in dockerfile
