@@ -95,6 +95,9 @@ class Settings(BaseSettings):
         description="Largest JSON or form request body; streamed uploads have their own limits.",
     )
     max_upload_bytes: int = Field(default=20 * 1024**3, ge=1)
+    max_weights_upload_bytes: int = Field(
+        default=2 * 1024**3, ge=1, description="Largest backbone weights file accepted for upload."
+    )
     max_archive_members: int = Field(default=200_000, ge=1)
     max_extracted_bytes: int = Field(default=200 * 1024**3, ge=1)
     max_compression_ratio: float = Field(default=200.0, gt=1)

@@ -21,7 +21,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 #: Path prefixes of the routes that stream their request body and apply their own size limits.
 #: Add an upload endpoint here (for example ``"/api/v1/datasets/uploads"``) when it is written;
 #: every other body is held to ``max_request_body_bytes``.
-STREAMED_BODY_PATH_PREFIXES: tuple[str, ...] = ()
+#: ``/api/v1/backbones``: only its POST (the weights upload, ``max_weights_upload_bytes``) has a body;
+#: a JSON route added under it must bound its own body or move this entry to the upload's path.
+STREAMED_BODY_PATH_PREFIXES: tuple[str, ...] = ("/api/v1/backbones",)
 
 TOO_LARGE_CODE = "too_large"
 

@@ -23,18 +23,32 @@ logger = logging.getLogger(__name__)
 #: Queue every task goes to unless a route says otherwise. It is Celery's own default name, so
 #: a client with Celery's defaults reaches the same workers.
 DEFAULT_QUEUE = "celery"
+#: Queue of short jobs (validating an upload, measuring a backbone) that must not wait behind a
+#: training run; every worker consumes it unless started with ``-Q`` for one queue only.
+LIGHT_QUEUE = "tessera.light"
 #: Queue that ``/healthz`` declares to prove a real round trip to the broker; no worker reads it.
 HEALTH_QUEUE = "tessera.health"
 
 #: Task names, sent by the web process and registered by the worker.
 SYSTEM_PING = "system.ping"
 ACCOUNTS_PRUNE = "accounts.prune"
+BACKBONES_VALIDATE = "backbones.validate"
+BACKBONES_MEASURE = "backbones.measure"
+
+#: The queue of each task that does not go to :data:`DEFAULT_QUEUE` (Celery ``task_routes``,
+#: applied by the web process's client and by the worker alike).
+TASK_ROUTES: dict[str, dict[str, str]] = {
+    BACKBONES_VALIDATE: {"queue": LIGHT_QUEUE},
+    BACKBONES_MEASURE: {"queue": LIGHT_QUEUE},
+}
 
 
 @lru_cache
 def _client(broker_url: str) -> Celery:
     app = Celery("tessera-client", broker=broker_url)
-    app.conf.update(task_ignore_result=True, broker_connection_retry_on_startup=False)
+    app.conf.update(
+        task_ignore_result=True, broker_connection_retry_on_startup=False, task_routes=TASK_ROUTES
+    )
     return app
 
 

@@ -8,9 +8,10 @@ engine inside their bodies.
 from __future__ import annotations
 
 from celery import Celery
+from kombu import Queue
 
 from backend.config import Settings, get_settings
-from backend.queue import ACCOUNTS_PRUNE, DEFAULT_QUEUE
+from backend.queue import ACCOUNTS_PRUNE, DEFAULT_QUEUE, LIGHT_QUEUE, TASK_ROUTES
 
 #: How long Redis keeps an unacknowledged message before handing it to another worker.
 #: Training runs for hours and messages are acknowledged only when a task ends, so this must
@@ -20,7 +21,7 @@ REDIS_VISIBILITY_TIMEOUT_SECONDS = 48 * 3600
 
 
 #: The modules that register tasks, one per domain (each task's name comes from ``backend.queue``).
-TASK_MODULES = ["worker.tasks.system", "worker.tasks.accounts"]
+TASK_MODULES = ["worker.tasks.system", "worker.tasks.accounts", "worker.tasks.backbones"]
 
 
 def broker_transport_options(broker_url: str) -> dict[str, object]:
@@ -59,6 +60,9 @@ def create_celery(settings: Settings) -> Celery:
         # message, decides who owns the task.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_default_queue=DEFAULT_QUEUE,
+        # A worker started without -Q consumes both queues; `-Q tessera.light` makes a light worker.
+        task_queues=(Queue(DEFAULT_QUEUE), Queue(LIGHT_QUEUE)),
+        task_routes=TASK_ROUTES,
         timezone="UTC",
         enable_utc=True,
         # Periodic tasks, sent by Celery beat (which `tessera serve` starts because this is not empty).

@@ -36,12 +36,6 @@ def datasets(request: Request, user: CurrentUser) -> Response:
     return render(request, "ui/datasets.html", {"active": "datasets"})
 
 
-@router.get("/backbones")
-def backbones(request: Request, user: CurrentUser) -> Response:
-    """Backbones (empty state until the catalog is available)."""
-    return render(request, "ui/backbones.html", {"active": "backbones"})
-
-
 @router.get("/compare")
 def compare(request: Request, user: CurrentUser) -> Response:
     """Comparison of finished tasks (empty state until tasks have run)."""
