@@ -68,7 +68,7 @@ def _check_header_csrf(request: Request, principal: Principal) -> None:
 @router.get("", response_model=list[BackboneRead])
 def list_backbones(session: SessionDep, settings: SettingsDep, user: CurrentUser) -> list[BackboneRead]:
     """The built-in backbones of the catalog, then your uploads (newest first)."""
-    service.ensure_builtins(settings)
+    service.ensure_builtins(session, settings)
     return [
         BackboneRead.of(row, service.memory_of(session, row)) for row in service.list_visible(session, user)
     ]
@@ -108,7 +108,7 @@ def read_backbone(
     backbone_id: RowId, session: SessionDep, settings: SettingsDep, user: CurrentUser
 ) -> BackboneRead:
     """One backbone: a built-in one or one of yours."""
-    service.ensure_builtins(settings)
+    service.ensure_builtins(session, settings)
     row = service.get_visible(session, user, backbone_id)
     return BackboneRead.of(row, service.memory_of(session, row))
 

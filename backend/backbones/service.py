@@ -1,34 +1,31 @@
 """Backbones: the built-in catalog rows, uploads, and who may see or delete them.
 
 Built-in rows (one per architecture of the engine's catalog, no owner, source ``builtin``) are
-created lazily by the first request that lists or reads backbones, in a short transaction of
-their own: a new catalog entry appears without a migration or a start-up hook, in every way
-Tessera is run (``serve``, compose, tests), and two first requests racing each other cannot
-create one twice (``builtin_key`` is unique; the loser reads the winner's rows). Each new
-built-in row gets a ``backbones.measure`` job that fills its parameter count and memory figures.
+created lazily by the first request that lists or reads backbones: a new catalog entry appears
+without a migration or a start-up hook, in every way Tessera is run (``serve``, compose, tests,
+a database emptied by hand), and two first requests racing each other cannot create one twice
+(``builtin_key`` is unique and the insert skips conflicts). Each built-in row gets a
+``backbones.measure`` job that fills its parameter count and memory figures.
 """
 
 from __future__ import annotations
 
-import logging
 import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from backend.backbones.uploads import ReceivedUpload
 from backend.config import Settings
-from backend.db import run_after_commit, session_scope
+from backend.db import run_after_commit
 from backend.errors import Forbidden, Invalid, NotFound
 from backend.models import BACKBONE_NAME_MAX_LENGTH, Backbone, BackboneStatus, User, utcnow
-from backend.queue import BACKBONES_MEASURE, BACKBONES_VALIDATE, enqueue, enqueue_after_commit
+from backend.queue import BACKBONES_MEASURE, BACKBONES_VALIDATE, enqueue_after_commit
 from worker.patchgd.catalog import list_backbones as catalog_names
-
-logger = logging.getLogger(__name__)
 
 #: Folder of the data dir that holds one folder per uploaded backbone.
 BACKBONES_DIR = "backbones"
@@ -59,46 +56,51 @@ def _needs_measuring(row: Backbone) -> bool:
         return True
 
 
-def ensure_builtins(settings: Settings) -> None:
-    """Create the catalog's missing built-in rows and request measurements that are due.
+def _insert_ignoring_duplicates(session: Session) -> Any:
+    """``INSERT ... ON CONFLICT DO NOTHING`` for the session's database (SQLite or Postgres)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(Backbone)
+    return sqlite.insert(Backbone)
 
-    Runs in its own short transaction (see the module docstring) and sends the measurement jobs
-    once it has committed.
+
+def ensure_builtins(session: Session, settings: Settings) -> None:
+    """Create the catalog's missing built-in rows and request the measurements that are due.
+
+    A row another request inserts at the same moment is skipped by the database (the unique
+    ``builtin_key``), so racing first requests create each row once. Measurement jobs are sent
+    after the commit.
     """
-    to_measure: list[int] = []
-    try:
-        with session_scope(settings) as session:
-            rows = {
-                row.builtin_key: row
-                for row in session.scalars(select(Backbone).where(Backbone.builtin_key.is_not(None)))
-            }
-            for name in catalog_names():
-                if name not in rows:
-                    row = Backbone(
-                        owner_id=None,
-                        name=name,
-                        architecture=name,
-                        builtin_key=name,
-                        source=SOURCE_BUILTIN,
-                        status=BackboneStatus.READY,
-                        details={},
-                        problems=[],
-                    )
-                    session.add(row)
-                    rows[name] = row
-            session.flush()
-            for row in rows.values():
-                if _needs_measuring(row):
-                    row.details = {**(row.details or {}), "measure_requested_at": utcnow().isoformat()}
-                    to_measure.append(row.id)
-    except IntegrityError:
-        # Another request created them at the same moment; its rows are committed and its jobs sent.
-        return
-    for backbone_id in to_measure:
-        try:
-            enqueue(settings, BACKBONES_MEASURE, backbone_id)
-        except Exception:  # the page must still work without a broker; the retry comes later
-            logger.warning("could not request the measurement of backbone %s", backbone_id, exc_info=True)
+    existing = set(session.scalars(select(Backbone.builtin_key).where(Backbone.builtin_key.is_not(None))))
+    missing = [name for name in catalog_names() if name not in existing]
+    if missing:
+        statement = _insert_ignoring_duplicates(session).values(
+            [
+                {
+                    "owner_id": None,
+                    "name": name,
+                    "architecture": name,
+                    "builtin_key": name,
+                    "source": SOURCE_BUILTIN,
+                    "status": BackboneStatus.READY,
+                    "original_filename": "",
+                    "weights_path": "",
+                    "size_bytes": 0,
+                    "sha256": "",
+                    "param_count": 0,
+                    "details": {},
+                    "problems": [],
+                    "error": "",
+                    "created_at": utcnow(),
+                }
+                for name in missing
+            ]
+        )
+        session.execute(statement.on_conflict_do_nothing(index_elements=["builtin_key"]))
+    for row in session.scalars(select(Backbone).where(Backbone.builtin_key.is_not(None))):
+        if _needs_measuring(row):
+            row.details = {**(row.details or {}), "measure_requested_at": utcnow().isoformat()}
+            enqueue_after_commit(session, settings, BACKBONES_MEASURE, row.id)
+    session.flush()
 
 
 def list_visible(session: Session, user: User) -> list[Backbone]:

@@ -19,10 +19,16 @@ def backbones_page(
     request: Request, user: CurrentUser, session: SessionDep, settings: SettingsDep
 ) -> Response:
     """Built-in backbones with their memory figures, your uploads, and the upload form."""
-    service.ensure_builtins(settings)
+    service.ensure_builtins(session, settings)
     rows = service.list_visible(session, user)
+    pending = any(
+        r.status == BackboneStatus.VALIDATING
+        or (r.owner_id is None and not {"memory", "measure_error"} & set(r.details or {}))
+        for r in rows
+    )
     context = {
         "active": "backbones",
+        "pending": pending,
         "builtins": [r for r in rows if r.owner_id is None],
         "uploads": [r for r in rows if r.owner_id is not None],
         "architectures": sorted({r.architecture for r in rows if r.owner_id is None}),
@@ -39,7 +45,7 @@ def backbone_page(
     request: Request, backbone_id: RowId, user: CurrentUser, session: SessionDep, settings: SettingsDep
 ) -> Response:
     """One backbone: status, what validation did, problems; polls itself while work is pending."""
-    service.ensure_builtins(settings)
+    service.ensure_builtins(session, settings)
     row = service.get_visible(session, user, backbone_id)
     memory = service.memory_of(session, row)
     pending = row.status == BackboneStatus.VALIDATING or (
