@@ -83,6 +83,7 @@ def list_backbones(session: SessionDep, settings: SettingsDep, user: CurrentUser
         400: {"model": ErrorResponse},
         403: {"model": ErrorResponse},
         413: {"model": ErrorResponse},
+        422: {"model": ErrorResponse},
     },
 )
 async def upload_backbone(
