@@ -252,6 +252,11 @@ def _strip_wrappers(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
         stripped.append(prefix)
 
 
+def _natural_key(key: str) -> list[tuple[int, int, str]]:
+    """Sort key that puts ``classifier.3`` before ``classifier.10`` (numbers before names)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split(".")]
+
+
 def _expected_trunk(architecture: str) -> dict[str, tuple[int, ...]]:
     """Key -> shape of the architecture's trunk, built on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
@@ -305,7 +310,9 @@ def check_weights(architecture: str, source: Path, dest: Path) -> WeightsCheck:
     head_prefixes = BACKBONES[architecture].ignored_prefixes
     head = {k: v for k, v in state.items() if k.startswith(head_prefixes)}
     if head:
-        weight = next((v for k, v in sorted(head.items()) if v.dim() == 2), None)
+        # The class count is the output size of the head's last Linear (MobileNetV3 has two).
+        linears = [k for k in sorted(head, key=_natural_key) if head[k].dim() == 2]
+        weight = head[linears[-1]] if linears else None
         details["dropped_head"] = {
             "keys": sorted(head),
             "classes": int(weight.shape[0]) if weight is not None else None,
