@@ -69,9 +69,8 @@ def _check_header_csrf(request: Request, principal: Principal) -> None:
 def list_backbones(session: SessionDep, settings: SettingsDep, user: CurrentUser) -> list[BackboneRead]:
     """The built-in backbones of the catalog, then your uploads (newest first)."""
     service.ensure_builtins(session, settings)
-    return [
-        BackboneRead.of(row, service.memory_of(session, row)) for row in service.list_visible(session, user)
-    ]
+    memory = service.memory_by_architecture(session)
+    return [BackboneRead.of(row, memory.get(row.architecture)) for row in service.list_visible(session, user)]
 
 
 @router.post(

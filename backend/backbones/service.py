@@ -200,6 +200,12 @@ def delete_backbone(session: Session, settings: Settings, user: User, backbone_i
     run_after_commit(session, lambda: shutil.rmtree(folder, ignore_errors=True))
 
 
+def memory_by_architecture(session: Session) -> dict[str, dict[str, Any]]:
+    """The measured memory figures of every architecture, from the built-in rows (one query)."""
+    rows = session.scalars(select(Backbone).where(Backbone.builtin_key.is_not(None)))
+    return {row.architecture: row.details["memory"] for row in rows if "memory" in (row.details or {})}
+
+
 def memory_of(session: Session, row: Backbone) -> dict[str, Any] | None:
     """The memory figures of the row's architecture (measured on its built-in row), if measured."""
     source = row if row.owner_id is None else builtin_for(session, row.architecture)

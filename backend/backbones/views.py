@@ -48,9 +48,9 @@ def backbone_page(
     service.ensure_builtins(session, settings)
     row = service.get_visible(session, user, backbone_id)
     memory = service.memory_of(session, row)
-    pending = row.status == BackboneStatus.VALIDATING or (
-        row.owner_id is None and memory is None and "measure_error" not in (row.details or {})
-    )
+    builtin = row if row.owner_id is None else service.builtin_for(session, row.architecture)
+    measuring = memory is None and builtin is not None and "measure_error" not in (builtin.details or {})
+    pending = row.status == BackboneStatus.VALIDATING or measuring
     context = {"active": "backbones", "backbone": row, "memory": memory, "pending": pending}
     if is_htmx(request):
         return render(request, "backbones/_status.html", context)
