@@ -32,7 +32,8 @@ BACKBONES_DIR = "backbones"
 #: File name endings accepted for weights (kept equal to the engine's ``WEIGHTS_SUFFIXES``).
 WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 #: A built-in row still without memory figures this long after its measurement was requested
-#: is measured again (the job was lost, or no worker was running).
+#: is requested again (the job was lost, or no worker was running); one without ImageNet
+#: weights is looked at again at this pace.
 MEASURE_RETRY_AFTER = timedelta(minutes=30)
 SOURCE_BUILTIN = "builtin"
 SOURCE_UPLOAD = "upload"
@@ -44,16 +45,23 @@ def backbone_dir(settings: Settings, backbone_id: int) -> Path:
 
 
 def _needs_measuring(row: Backbone) -> bool:
+    """True when a built-in row should get a ``backbones.measure`` job now.
+
+    Never measured: yes, unless a job was requested less than :data:`MEASURE_RETRY_AFTER` ago.
+    Measured but without ImageNet weights: yes again at that pace, so that a file copied into
+    the worker's torch cache is picked up (the job then only looks for it; it measures once).
+    """
     details = row.details or {}
-    if "memory" in details or "measure_error" in details:
-        return False
     requested = details.get("measure_requested_at")
-    if not requested:
+    if requested:
+        try:
+            if utcnow() - datetime.fromisoformat(requested) < MEASURE_RETRY_AFTER:
+                return False
+        except ValueError:
+            pass
+    if "memory" not in details and "measure_error" not in details:
         return True
-    try:
-        return utcnow() - datetime.fromisoformat(requested) > MEASURE_RETRY_AFTER
-    except ValueError:
-        return True
+    return details.get("weights") == "random"
 
 
 def _insert_ignoring_duplicates(session: Session) -> Any:

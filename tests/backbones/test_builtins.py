@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from backend.backbones import service
 from backend.config import Settings
 from backend.db import session_scope
-from backend.models import Backbone
+from backend.models import Backbone, utcnow
 from worker.patchgd.catalog import list_backbones
 from worker.tasks import backbones as jobs
 
@@ -82,3 +82,28 @@ def test_measure_fills_memory_and_uses_imagenet_weights_from_the_torch_cache(
         assert row is not None
         assert row.details["weights"] == "random" and row.weights_path == ""
         assert row.details["imagenet"]["present"] is False
+
+
+def test_measurements_are_requested_once_then_again_only_when_due(settings: Settings) -> None:
+    with session_scope(settings) as session:
+        service.ensure_builtins(session, settings)
+        row = service.builtin_for(session, "resnet18")
+        assert row is not None and "measure_requested_at" in row.details
+        first = row.details["measure_requested_at"]
+    with session_scope(settings) as session:
+        service.ensure_builtins(session, settings)  # a job is on its way: not requested again
+        row = service.builtin_for(session, "resnet18")
+        assert row is not None and row.details["measure_requested_at"] == first
+        # Measured, with ImageNet weights: nothing more to do, however long ago it was requested.
+        long_ago = (utcnow() - service.MEASURE_RETRY_AFTER * 2).isoformat()
+        row.details = {"memory": {"x": 1}, "weights": "imagenet", "measure_requested_at": long_ago}
+        other = service.builtin_for(session, "resnet34")
+        assert other is not None
+        other.details = {"memory": {"x": 1}, "weights": "random", "measure_requested_at": long_ago}
+    with session_scope(settings) as session:
+        service.ensure_builtins(session, settings)
+        row, other = service.builtin_for(session, "resnet18"), service.builtin_for(session, "resnet34")
+        assert row is not None and other is not None
+        assert row.details["measure_requested_at"] == long_ago
+        # Without ImageNet weights it is looked at again (a file may have been copied into the cache).
+        assert other.details["measure_requested_at"] != long_ago

@@ -63,9 +63,19 @@ _SAVE_STATE_DICT = (
     "Save the weights as a state dict instead: torch.save(model.state_dict(), 'weights.pt'), "
     "or safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')."
 )
-# Globals a pickle of plain tensors may name; anything else would build other objects or run code
-# (torch.load(weights_only=True) enforces its own, exact list after this first look).
+# A first look at the globals a pickle names: outside these it would build other objects or run
+# code. Deliberately broad (torch.* includes the tensor and storage rebuilders of every version);
+# torch.load(weights_only=True) then enforces torch's own exact allow-list.
 _DATA_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "numpy.", "_codecs.encode")
+# Parts of torch that load or run code, refused even though they are under torch.
+_CODE_TORCH_PREFIXES = (
+    "torch.hub.",
+    "torch.jit.",
+    "torch.package.",
+    "torch.utils.",
+    "torch.ops.",
+    "torch.load",
+)
 _DATA_BUILTINS = frozenset({"builtins.set", "builtins.frozenset", "builtins.slice", "builtins.complex"})
 _STRING_OPS = frozenset(
     {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
@@ -147,7 +157,12 @@ def _judge_globals(names: list[str]) -> None:
             f"the file holds a whole pickled model ({classes[0]}), saved with torch.save(model), not "
             "its weights; loading it would need (and run) that model's code. " + _SAVE_STATE_DICT
         )
-    other = [n for n in names if not n.startswith(_DATA_GLOBAL_PREFIXES) and n not in _DATA_BUILTINS]
+    other = [
+        n
+        for n in names
+        if n.startswith(_CODE_TORCH_PREFIXES)
+        or (not n.startswith(_DATA_GLOBAL_PREFIXES) and n not in _DATA_BUILTINS)
+    ]
     if other:
         raise WeightsRefused(
             f"the file was refused: loading it would call {other[0]}, so it could run code. Tessera "
