@@ -47,9 +47,10 @@ def backbone_dir(settings: Settings, backbone_id: int) -> Path:
 def _needs_measuring(row: Backbone) -> bool:
     """True when a built-in row should get a ``backbones.measure`` job now.
 
-    Never measured: yes, unless a job was requested less than :data:`MEASURE_RETRY_AFTER` ago.
-    Measured but without ImageNet weights: yes again at that pace, so that a file copied into
-    the worker's torch cache is picked up (the job then only looks for it; it measures once).
+    Not measured yet (never, or the last try failed): yes, unless a job was requested less than
+    :data:`MEASURE_RETRY_AFTER` ago. Measured but without ImageNet weights: yes again at that
+    pace, so that a file copied into the worker's torch cache is picked up (the job then only
+    looks for it; it measures once).
     """
     details = row.details or {}
     requested = details.get("measure_requested_at")
@@ -59,7 +60,7 @@ def _needs_measuring(row: Backbone) -> bool:
                 return False
         except ValueError:
             pass
-    if "memory" not in details and "measure_error" not in details:
+    if "memory" not in details:
         return True
     return details.get("weights") == "random"
 

@@ -100,6 +100,12 @@ def test_measurements_are_requested_once_then_again_only_when_due(settings: Sett
         other = service.builtin_for(session, "resnet34")
         assert other is not None
         other.details = {"memory": {"x": 1}, "weights": "random", "measure_requested_at": long_ago}
+        failed = service.builtin_for(session, "resnet50")
+        assert failed is not None
+        failed.details = {
+            "measure_error": "RuntimeError: calibration failed",
+            "measure_requested_at": long_ago,
+        }
     with session_scope(settings) as session:
         service.ensure_builtins(session, settings)
         row, other = service.builtin_for(session, "resnet18"), service.builtin_for(session, "resnet34")
@@ -107,3 +113,6 @@ def test_measurements_are_requested_once_then_again_only_when_due(settings: Sett
         assert row.details["measure_requested_at"] == long_ago
         # Without ImageNet weights it is looked at again (a file may have been copied into the cache).
         assert other.details["measure_requested_at"] != long_ago
+        # A failed measurement is tried again.
+        failed = service.builtin_for(session, "resnet50")
+        assert failed is not None and failed.details["measure_requested_at"] != long_ago

@@ -132,7 +132,8 @@ def measure(backbone_id: int) -> str:
         row = session.get(Backbone, backbone_id)
         if row is None:
             return "skipped"
-        row.details = {**(row.details or {}), **details}
+        previous = {k: v for k, v in (row.details or {}).items() if k != "measure_error"}
+        row.details = {**previous, **details}
         row.weights_path = weights_path
         if param_count:
             row.param_count = param_count
