@@ -120,6 +120,9 @@ class Settings(BaseSettings):
         default=True,
         description="`serve` registers a small UltraMNIST-style demo dataset when no dataset exists yet.",
     )
+    max_weights_upload_bytes: int = Field(
+        default=2 * 1024**3, ge=1, description="Largest backbone weights file accepted for upload."
+    )
     max_archive_members: int = Field(default=200_000, ge=1)
     max_extracted_bytes: int = Field(default=200 * 1024**3, ge=1)
     max_compression_ratio: float = Field(default=200.0, gt=1)

@@ -26,6 +26,8 @@ from backend import operations
 from backend.accounts import api as accounts_api
 from backend.accounts import views as accounts_views
 from backend.accounts.login import Viewer, resolve_principal
+from backend.backbones import api as backbones_api
+from backend.backbones import views as backbones_views
 from backend.config import Settings, get_settings
 from backend.datasets import api as datasets_api
 from backend.datasets import views as datasets_views
@@ -48,6 +50,7 @@ OPENAPI_TAGS = [
     {"name": "tokens", "description": "Personal API tokens (shown once, stored hashed)."},
     {"name": "sessions", "description": "Your signed-in browsers."},
     {"name": "datasets", "description": "Upload datasets; a worker validates them."},
+    {"name": "backbones", "description": "Built-in backbones and your uploaded weights."},
     {"name": "operations", "description": "Health check and Prometheus metrics."},
 ]
 _STATUS_CODES = {
@@ -280,10 +283,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
     # One API router and one page router per domain; operations (health, metrics) stay outside /api/v1.
-    for api_router in (accounts_api.router, datasets_api.router):
+    for api_router in (accounts_api.router, datasets_api.router, backbones_api.router):
         app.include_router(api_router, prefix=API_PREFIX)
     app.include_router(operations.router)
-    for page_router in (accounts_views.router, datasets_views.router, ui_views.router):
+    for page_router in (
+        accounts_views.router,
+        datasets_views.router,
+        backbones_views.router,
+        ui_views.router,
+    ):
         app.include_router(page_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _document_common_responses(app)

@@ -20,8 +20,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 #: Path prefixes of the routes that stream their request body and apply their own size limits.
 #: Every other body is held to ``max_request_body_bytes``. ``/api/v1/datasets``: the dataset upload
-#: (``max_upload_bytes`` and the quota); its other routes take no body.
-STREAMED_BODY_PATH_PREFIXES: tuple[str, ...] = ("/api/v1/datasets",)
+#: (``max_upload_bytes`` and the quota); its other routes take no body. ``/api/v1/backbones``: only
+#: its POST (the weights upload, ``max_weights_upload_bytes``) has a body; a JSON route added under
+#: either must bound its own body or move the entry to the upload's path.
+STREAMED_BODY_PATH_PREFIXES: tuple[str, ...] = ("/api/v1/datasets", "/api/v1/backbones")
 
 TOO_LARGE_CODE = "too_large"
 

@@ -45,8 +45,8 @@ logger = logging.getLogger(__name__)
 #: Queue every task goes to unless a route says otherwise. It is Celery's own default name, so
 #: a client with Celery's defaults reaches the same workers.
 DEFAULT_QUEUE = "celery"
-#: Queue of the short jobs (dataset validation, demo data) that must never wait behind a training.
-#: ``tessera serve``'s worker consumes both queues; a GPU-only worker can consume the default alone.
+#: Queue of short jobs (validating an upload, measuring a backbone, demo data) that must not wait
+#: behind a training run; every worker consumes it unless started with ``-Q`` for one queue only.
 LIGHT_QUEUE = "tessera.light"
 #: Queue that ``/healthz`` declares to prove a real round trip to the broker; no worker reads it.
 HEALTH_QUEUE = "tessera.health"
@@ -92,6 +92,8 @@ ACCOUNTS_PRUNE = "accounts.prune"
 DATASETS_VALIDATE = "datasets.validate"
 DATASETS_DEMO = "datasets.demo"
 DATASETS_PRUNE_UPLOADS = "datasets.prune_uploads"
+BACKBONES_VALIDATE = "backbones.validate"
+BACKBONES_MEASURE = "backbones.measure"
 #: Runs on the default queue: a plan is measured on the kind of worker that will train.
 MEMORY_PLAN = "memory.plan"
 
@@ -101,6 +103,8 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     DATASETS_VALIDATE: {"queue": LIGHT_QUEUE},
     DATASETS_DEMO: {"queue": LIGHT_QUEUE},
     DATASETS_PRUNE_UPLOADS: {"queue": LIGHT_QUEUE},
+    BACKBONES_VALIDATE: {"queue": LIGHT_QUEUE},
+    BACKBONES_MEASURE: {"queue": LIGHT_QUEUE},
 }
 
 

@@ -8,9 +8,10 @@ engine inside their bodies.
 from __future__ import annotations
 
 from celery import Celery
+from kombu import Queue
 
 from backend.config import Settings, get_settings
-from backend.queue import ACCOUNTS_PRUNE, DATASETS_PRUNE_UPLOADS, DEFAULT_QUEUE, TASK_ROUTES
+from backend.queue import ACCOUNTS_PRUNE, DATASETS_PRUNE_UPLOADS, DEFAULT_QUEUE, LIGHT_QUEUE, TASK_ROUTES
 
 #: How long Redis keeps an unacknowledged message before handing it to another worker.
 #: Training runs for hours and messages are acknowledged only when a task ends, so this must
@@ -24,6 +25,7 @@ TASK_MODULES = [
     "worker.tasks.system",
     "worker.tasks.accounts",
     "worker.tasks.datasets",
+    "worker.tasks.backbones",
     "worker.tasks.training",
 ]
 
@@ -64,7 +66,8 @@ def create_celery(settings: Settings) -> Celery:
         # message, decides who owns the task.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_default_queue=DEFAULT_QUEUE,
-        # Short jobs (dataset validation) go to the light queue, never behind a training.
+        # A worker started without -Q consumes both queues; `-Q tessera.light` makes a light worker.
+        task_queues=(Queue(DEFAULT_QUEUE), Queue(LIGHT_QUEUE)),
         task_routes=TASK_ROUTES,
         timezone="UTC",
         enable_utc=True,

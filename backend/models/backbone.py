@@ -41,6 +41,9 @@ class Backbone(Base):
     name: Mapped[str] = mapped_column(String(BACKBONE_NAME_MAX_LENGTH))
     #: The engine's catalog name (``resnet18``, ``efficientnet_b0``...).
     architecture: Mapped[str] = mapped_column(String(64))
+    #: The catalog name again on built-in rows, NULL on uploads: unique, so that built-in rows
+    #: created lazily by concurrent first requests exist exactly once per architecture.
+    builtin_key: Mapped[str | None] = mapped_column(String(64), unique=True, default=None)
     status: Mapped[BackboneStatus] = mapped_column(
         Enum(
             BackboneStatus,

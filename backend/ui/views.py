@@ -30,12 +30,6 @@ def tasks(request: Request, user: CurrentUser) -> Response:
     return render(request, "ui/tasks.html", {"active": "tasks"})
 
 
-@router.get("/backbones")
-def backbones(request: Request, user: CurrentUser) -> Response:
-    """Backbones (empty state until the catalog is available)."""
-    return render(request, "ui/backbones.html", {"active": "backbones"})
-
-
 @router.get("/compare")
 def compare(request: Request, user: CurrentUser) -> Response:
     """Comparison of finished tasks (empty state until tasks have run)."""

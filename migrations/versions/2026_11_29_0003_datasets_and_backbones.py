@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("owner_id", sa.Integer(), nullable=True),
         sa.Column("name", sa.String(length=100), nullable=False),
         sa.Column("architecture", sa.String(length=64), nullable=False),
+        sa.Column("builtin_key", sa.String(length=64), nullable=True),
         sa.Column(
             "status",
             sa.Enum("validating", "ready", "invalid", name="backbone_status", native_enum=False, length=16),
@@ -46,6 +47,7 @@ def upgrade() -> None:
             ["owner_id"], ["users.id"], name=op.f("fk_backbones_owner_id_users"), ondelete="CASCADE"
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_backbones")),
+        sa.UniqueConstraint("builtin_key", name=op.f("uq_backbones_builtin_key")),
     )
     op.create_index(op.f("ix_backbones_owner_id"), "backbones", ["owner_id"])
 

@@ -40,7 +40,7 @@ def test_dashboard_shows_navigation_and_getting_started(client, make_user, login
     [
         ("/tasks", "No training tasks yet"),
         ("/datasets", "No datasets yet"),
-        ("/backbones", "No backbones listed yet"),
+        ("/backbones", "No uploads yet"),
         ("/compare", "Nothing to compare yet"),
     ],
 )
