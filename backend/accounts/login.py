@@ -23,6 +23,7 @@ from backend.config import Settings
 from backend.errors import TooManyRequests, Unauthorized
 from backend.models import USERNAME_MAX_LENGTH, ApiToken, LoginAttempt, Role, User, UserSession, utcnow
 from backend.security import burn_password_check, hash_password, password_hasher
+from backend.text import has_control_characters
 
 INCORRECT_CREDENTIALS = "Incorrect username or password."
 #: Width of the ``ip`` column of login attempts (an IPv6 address needs at most 45 characters).
@@ -229,9 +230,10 @@ def authenticate(session: Session, settings: Settings, username: str, password: 
     settles it as a failure, a right one turns it into a success in the request's transaction.
     """
     key = normalize_username(username)
-    if len(key) > USERNAME_MAX_LENGTH:
+    if len(key) > USERNAME_MAX_LENGTH or has_control_characters(key):
         # No account has such a name. Never truncate it: that would sign in (or throttle) the
-        # account whose name is its first characters. It counts as a failure of "no account".
+        # account whose name is its first characters. It counts as a failure of "no account"
+        # (and a NUL could not even be stored on Postgres).
         key = ""
     attempt_id = _reserve_attempt(session, settings, key, ip=ip)
     user = get_by_username(session, key) if key else None

@@ -18,6 +18,7 @@ from backend.db import touch_quietly
 from backend.errors import Invalid, NotFound
 from backend.models import TOKEN_NAME_MAX_LENGTH, ApiToken, TokenKind, User, utcnow
 from backend.security import random_token, sha256_hex
+from backend.text import has_control_characters
 
 PERSONAL_TOKEN_PREFIX = "tsr_"
 ACCESS_TOKEN_PREFIX = "tsa_"
@@ -62,6 +63,8 @@ def create_personal_token(session: Session, user: User, name: str) -> IssuedToke
         raise Invalid("Give the token a name, for example the script or machine that will use it.")
     if len(clean) > TOKEN_NAME_MAX_LENGTH:
         raise Invalid(f"Token names can have at most {TOKEN_NAME_MAX_LENGTH} characters.")
+    if has_control_characters(clean):
+        raise Invalid("Token names cannot contain control characters.")
     return _issue(session, user, kind=TokenKind.PERSONAL, name=clean, expires_in=None)
 
 

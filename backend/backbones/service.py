@@ -25,6 +25,7 @@ from backend.db import run_after_commit
 from backend.errors import Forbidden, Invalid, NotFound
 from backend.models import BACKBONE_NAME_MAX_LENGTH, Backbone, BackboneStatus, User, utcnow
 from backend.queue import BACKBONES_MEASURE, BACKBONES_VALIDATE, enqueue_after_commit
+from backend.text import has_control_characters, without_control_characters
 from worker.patchgd.catalog import list_backbones as catalog_names
 
 #: Folder of the data dir that holds one folder per uploaded backbone.
@@ -144,6 +145,8 @@ def _clean_name(name: str) -> str:
         raise Invalid("Give the backbone a name.")
     if len(name) > BACKBONE_NAME_MAX_LENGTH:
         raise Invalid(f"The name is longer than {BACKBONE_NAME_MAX_LENGTH} characters.")
+    if has_control_characters(name):
+        raise Invalid("The name cannot contain control characters.")
     return name
 
 
@@ -180,7 +183,7 @@ def create_upload(session: Session, settings: Settings, user: User, received: Re
         architecture=architecture,
         source=SOURCE_UPLOAD,
         status=BackboneStatus.VALIDATING,
-        original_filename=received.filename,
+        original_filename=without_control_characters(received.filename)[-255:],
         size_bytes=received.size,
         sha256=received.sha256,
         details={},

@@ -27,6 +27,7 @@ from backend.errors import AppError, Conflict, Invalid, NotFound
 from backend.models import DATASET_NAME_MAX_LENGTH, Dataset, DatasetStatus, User
 from backend.models.base import utcnow
 from backend.queue import DATASETS_DEMO, DATASETS_VALIDATE, enqueue_after_commit
+from backend.text import has_control_characters, without_control_characters
 
 DATASETS_DIR = "datasets"
 UPLOAD_FILE = "upload"
@@ -77,12 +78,14 @@ def clean_name(name: str) -> str:
         raise FormInvalid("Give the dataset a name.")
     if len(cleaned) > DATASET_NAME_MAX_LENGTH:
         raise FormInvalid(f"The dataset name is longer than {DATASET_NAME_MAX_LENGTH} characters.")
+    if has_control_characters(cleaned):
+        raise FormInvalid("The dataset name cannot contain control characters.")
     return cleaned
 
 
 def clean_filename(filename: str) -> str:
     """The last component of an uploaded file's name (a browser may send a whole path), at most 255."""
-    return filename.replace("\\", "/").rsplit("/", 1)[-1].strip()[-255:]
+    return without_control_characters(filename.replace("\\", "/").rsplit("/", 1)[-1].strip()[-255:])
 
 
 def storage_used(session: Session, owner_id: int, *, exclude_id: int | None = None) -> int:
