@@ -24,6 +24,7 @@ Usage: python -m bench.accuracy [--sizes 256 512] [--train 300] [--val 150] [--e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -86,6 +87,9 @@ def run_one(method: str, data: str, size: int, model_size: int, epochs: int, thr
     torch.set_num_threads(threads)
     if method == "patchgd":
         cfg: PatchGDConfig | BaselineConfig = patchgd_config(size, epochs)
+    elif method == "patchgd-stale-z":
+        # The reference's regime: one optimizer step per inner iteration (eps = 1).
+        cfg = dataclasses.replace(patchgd_config(size, epochs), accumulation_steps=1)
     else:
         cfg = baseline_config(model_size, epochs)
     loaders = make_loaders(
@@ -116,6 +120,7 @@ def run_one(method: str, data: str, size: int, model_size: int, epochs: int, thr
         "canvas": size,
         "model_input": cfg.image_size,
         "patch": cfg.patch_size if isinstance(cfg, PatchGDConfig) else None,
+        "accumulation_steps": cfg.num_accumulation_steps if isinstance(cfg, PatchGDConfig) else None,
         "config": cfg.to_dict(),
         "curve": curve,
         "val_accuracy": final.get("accuracy"),
@@ -143,7 +148,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     sizes = sorted({r["canvas"] for r in rows})
     fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4), squeeze=False)
-    styles = {"patchgd": "-o", "baseline": "-s", "baseline-downscaled": "--^"}
+    styles = {"patchgd-stale-z": "-.o", "patchgd": "-o", "baseline": "-s", "baseline-downscaled": "--^"}
     for ax, size in zip(axes[0], sizes, strict=True):
         for r in (r for r in rows if r["canvas"] == size):
             epochs = [c["epoch"] for c in r["curve"]]
