@@ -164,6 +164,55 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def collect(logs: list[str], name: str, epochs: int) -> None:
+    """Curves from the epoch lines of stopped or finished runs, saved like a full run's results."""
+    curves: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for log in logs:
+        for line in Path(log).read_text().splitlines():
+            if not line.startswith('{"method"'):
+                continue
+            entry = json.loads(line)
+            key = (entry.pop("method"), entry.pop("size"))
+            curves.setdefault(key, []).append(entry)
+    rows = []
+    for (method, size), curve in sorted(curves.items(), key=lambda item: (item[0][1], item[0][0])):
+        last = curve[-1]
+        rows.append(
+            {
+                "method": method,
+                "canvas": size,
+                "model_input": downscaled_size(size, epochs)[0] if method == "baseline-downscaled" else size,
+                "memory_model": downscaled_size(size, epochs)[1],
+                "curve": curve,
+                "epochs_completed": len(curve),
+                "val_accuracy": last["val_accuracy"],
+                "val_qwk": last["val_qwk"],
+                "seconds_per_epoch": round(sum(c["seconds"] for c in curve) / len(curve), 1),
+            }
+        )
+    write_json(
+        name, {"benchmark": "accuracy", "collected_from_logs": True, "epochs_planned": epochs, "rows": rows}
+    )
+    plot(rows, RESULTS / f"{name}.png")
+    print_table(
+        [
+            {
+                k: r[k]
+                for k in (
+                    "canvas",
+                    "method",
+                    "epochs_completed",
+                    "val_accuracy",
+                    "val_qwk",
+                    "seconds_per_epoch",
+                )
+            }
+            for r in rows
+        ],
+        ["canvas", "method", "epochs_completed", "val_accuracy", "val_qwk", "seconds_per_epoch"],
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
@@ -177,7 +226,16 @@ def main() -> None:
     parser.add_argument(
         "--one", nargs=4, metavar=("METHOD", "DATA", "SIZE", "MODEL_SIZE"), help=argparse.SUPPRESS
     )
+    parser.add_argument(
+        "--collect",
+        nargs="+",
+        metavar="LOG",
+        help="rebuild the JSON/PNG from the per-epoch lines runs print on stderr (runs cut short included)",
+    )
     args = parser.parse_args()
+    if args.collect:
+        collect(args.collect, args.name, args.epochs)
+        return
     if args.one:
         method, data, size, model_size = args.one
         print(json.dumps(run_one(method, data, int(size), int(model_size), args.epochs, args.threads)))
