@@ -82,7 +82,15 @@ def downscaled_size(size: int, epochs: int) -> tuple[int, dict[str, float]]:
     }
 
 
-def run_one(method: str, data: str, size: int, model_size: int, epochs: int, threads: int) -> dict[str, Any]:
+def run_one(
+    method: str,
+    data: str,
+    size: int,
+    model_size: int,
+    epochs: int,
+    threads: int,
+    overrides: dict | None = None,
+) -> dict[str, Any]:
     """Train one model (in this process) and return its curve and final metrics."""
     torch.set_num_threads(threads)
     if method == "patchgd":
@@ -92,6 +100,8 @@ def run_one(method: str, data: str, size: int, model_size: int, epochs: int, thr
         cfg = dataclasses.replace(patchgd_config(size, epochs), accumulation_steps=1)
     else:
         cfg = baseline_config(model_size, epochs)
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
     loaders = make_loaders(
         scan_dataset(data),
         image_size=cfg.image_size,
@@ -111,7 +121,8 @@ def run_one(method: str, data: str, size: int, model_size: int, epochs: int, thr
                 "seconds": round(m.seconds, 1),
             }
         )
-        print(json.dumps({"method": method, "size": size, **curve[-1]}), file=sys.stderr, flush=True)
+        label = method + "".join(f" {k}={v}" for k, v in (overrides or {}).items())
+        print(json.dumps({"method": label, "size": size, **curve[-1]}), file=sys.stderr, flush=True)
 
     result = train(cfg, loaders["train"], loaders["val"], device="cpu", on_epoch_end=on_epoch_end)
     final = result.final or {}
@@ -153,7 +164,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for r in (r for r in rows if r["canvas"] == size):
             epochs = [c["epoch"] for c in r["curve"]]
             label = f"{r['method']} ({r['model_input']} px)"
-            ax.plot(epochs, [c["val_accuracy"] for c in r["curve"]], styles[r["method"]], label=label)
+            ax.plot(
+                epochs, [c["val_accuracy"] for c in r["curve"]], styles.get(r["method"], "-.x"), label=label
+            )
         ax.axhline(0.25, color="grey", lw=0.8, ls=":", label="chance")
         ax.set_title(f"UltraMNIST-style {size}² canvases, resnet18 from scratch")
         ax.set_xlabel("epoch")
@@ -220,6 +233,7 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=150)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], help="with --one: config override key=json")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
     parser.add_argument("--data-root", default="/tmp/tessera_accuracy")
     parser.add_argument("--name", default="accuracy_cpu")
@@ -238,7 +252,12 @@ def main() -> None:
         return
     if args.one:
         method, data, size, model_size = args.one
-        print(json.dumps(run_one(method, data, int(size), int(model_size), args.epochs, args.threads)))
+        overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+        print(
+            json.dumps(
+                run_one(method, data, int(size), int(model_size), args.epochs, args.threads, overrides)
+            )
+        )
         return
 
     started = time.perf_counter()
