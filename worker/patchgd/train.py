@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data.dataloader import _DatasetKind
 
+from .batchnorm import frozen_running_stats, one_update_per_step
 from .checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -165,7 +166,11 @@ def patchgd_step(
     labels = labels.to(device)
     autocast = autocast_context(cfg, device)
 
-    with torch.no_grad(), autocast:
+    # BatchNorm running statistics move once per outer step, as in one ordinary step: the
+    # backbone's from the fill pass (every patch once, averaged over its chunks), the head's from
+    # the inner iterations (averaged); the backbone's gradient passes leave them alone. See
+    # batchnorm.py for why updating on every chunk of both passes ruins evaluation.
+    with torch.no_grad(), autocast, one_update_per_step(model.backbone):
         order = _patch_order(grid.num_patches, batch, cfg.per_image_positions, generator)
         z = model.fill_latent(source, _chunks(order, k), channels_last=channels_last)
     encoded = batch * grid.num_patches
@@ -176,36 +181,37 @@ def patchgd_step(
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     optimizer_steps = 0
     chunks = _inner_chunks(grid.num_patches, k, iterations, batch, cfg.per_image_positions, generator)
-    for j, chunk in enumerate(chunks):
-        window_start = (j // eps) * eps
-        window = min(eps, cfg.num_inner_iterations - window_start)
-        # Earlier writes become constants: only this iteration's k cells carry gradient.
-        z = z.detach()
-        with autocast:
-            patches = source.patches(chunk)
-            features = model.encode(as_batch(patches, device, channels_last)).reshape(
-                batch, chunk.shape[-1], -1
-            )
-            if window > 1:
-                # Weights are frozen inside an accumulation window, so the window's summed
-                # gradient is the full-image gradient taken chunk by chunk. The head sees every
-                # one of the `window` losses (each divided by `window`: their sum is exact), but
-                # each patch cell is written with gradient only once, so its 1/window share
-                # would leave the backbone `window` times too small. Scaling the gradient that
-                # flows into these new features by `window` makes the backbone exact too; the
-                # forward values are untouched. With window = 1 (stale-Z regime) nothing changes.
-                features.register_hook(lambda grad, scale=float(window): grad * scale)
-            # Never detach `features`: that would cut every gradient to the backbone.
-            grid.scatter(z, chunk, features)
-            logits = model.classify(z)
-        loss = F.cross_entropy(_at_least_fp32(logits), labels)
-        (loss / window).backward()
-        loss_sum += loss.detach()
-        encoded += batch * chunk.shape[-1]
-        if j + 1 == window_start + window:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            optimizer_steps += 1
+    with frozen_running_stats(model.backbone), one_update_per_step(model.head):
+        for j, chunk in enumerate(chunks):
+            window_start = (j // eps) * eps
+            window = min(eps, cfg.num_inner_iterations - window_start)
+            # Earlier writes become constants: only this iteration's k cells carry gradient.
+            z = z.detach()
+            with autocast:
+                patches = source.patches(chunk)
+                features = model.encode(as_batch(patches, device, channels_last)).reshape(
+                    batch, chunk.shape[-1], -1
+                )
+                if window > 1:
+                    # Weights are frozen inside an accumulation window, so the window's summed
+                    # gradient is the full-image gradient taken chunk by chunk. The head sees every
+                    # one of the `window` losses (each divided by `window`: their sum is exact), but
+                    # each patch cell is written with gradient only once, so its 1/window share
+                    # would leave the backbone `window` times too small. Scaling the gradient that
+                    # flows into these new features by `window` makes the backbone exact too; the
+                    # forward values are untouched. With window = 1 (stale-Z regime) nothing changes.
+                    features.register_hook(lambda grad, scale=float(window): grad * scale)
+                # Never detach `features`: that would cut every gradient to the backbone.
+                grid.scatter(z, chunk, features)
+                logits = model.classify(z)
+            loss = F.cross_entropy(_at_least_fp32(logits), labels)
+            (loss / window).backward()
+            loss_sum += loss.detach()
+            encoded += batch * chunk.shape[-1]
+            if j + 1 == window_start + window:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                optimizer_steps += 1
     if scheduler is not None:
         scheduler.step()
     return StepStats(
