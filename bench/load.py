@@ -199,6 +199,8 @@ def served(database_url: str, port: int, broker_url: str | None) -> Iterator[str
             TESSERA_ADMIN_USERNAME=ADMIN_USERNAME,
             TESSERA_ADMIN_PASSWORD=ADMIN_PASSWORD,
             TESSERA_LOG_LEVEL="WARNING",
+            # The web server is what is measured: no demo dataset built by the worker meanwhile.
+            TESSERA_DEMO_DATASET_ON_SERVE="false",
             PYTHONPATH=str(REPO_ROOT),
         )
         if database_url:
