@@ -84,3 +84,71 @@ def test_upload_validates_live_and_shows_chart_and_thumbnails(served: Served, tm
                 page.screenshot(path=str(DEMO_SCREENSHOT), full_page=True)
         finally:
             browser.close()
+
+
+def test_an_upload_cut_by_a_page_reload_resumes_where_it_stopped(served: Served, tmp_path: Path) -> None:  # noqa: F811
+    """The browser reloads the page after the first 16 MiB chunk; choosing the same file again
+    resumes from the server's offset (tus), and the stored file is byte-identical (SHA-256)."""
+    import hashlib
+    import io
+    import zipfile
+
+    password = served.wait_for_line(r"Admin password: (\S+)", START_TIMEOUT_SECONDS).group(1)
+    wait_healthy(served.url, served, START_TIMEOUT_SECONDS)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("scan/large.bin", os.urandom(40 * 1024 * 1024))  # three chunks of 16 MiB
+    payload = buffer.getvalue()
+    upload_file = tmp_path / "large.zip"
+    upload_file.write_bytes(payload)
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{served.url}/login")
+            page.fill("input[name=username]", "admin")
+            page.fill("input[name=password]", password)
+            page.get_by_role("button", name="Sign in").click()
+            expect(page.locator("h1")).to_have_text("Dashboard", timeout=15_000)
+
+            # Let the first chunk through, hold the second: the reload then cuts the upload.
+            patches: list[object] = []
+
+            def hold_second_patch(route, request) -> None:  # noqa: ANN001 (Playwright's types)
+                if request.method == "PATCH":
+                    patches.append(route)
+                    if len(patches) > 1:
+                        return  # never answered: the page is reloaded while it waits
+                route.continue_()
+
+            page.route("**/api/v1/datasets/uploads/*", hold_second_patch)
+            page.goto(f"{served.url}/datasets/new")
+            page.fill("#upload-name", "large")
+            page.set_input_files("#upload-file", str(upload_file))
+            page.click("#upload-start")
+            for _ in range(600):
+                if len(patches) > 1:
+                    break
+                page.wait_for_timeout(100)
+            assert len(patches) > 1, "the second chunk was never sent"
+            page.unroute("**/api/v1/datasets/uploads/*")
+            page.reload()
+
+            sent: list[tuple[str, dict[str, str]]] = []
+            page.on("request", lambda request: sent.append((request.method, request.headers)))
+            page.fill("#upload-name", "large")
+            page.set_input_files("#upload-file", str(upload_file))
+            page.click("#upload-start")
+            page.wait_for_url(re.compile(r"/datasets/\d+$"), timeout=60_000)
+            dataset_id = int(page.url.rsplit("/", 1)[1])
+
+            resumed = [headers for method, headers in sent if method == "PATCH"]
+            assert resumed, "nothing was sent after the reload"
+            # The first chunk was not sent again: the upload went on from the server's offset.
+            assert int(resumed[0]["upload-offset"]) >= 16 * 1024 * 1024
+            detail = page.request.get(f"{served.url}/api/v1/datasets/{dataset_id}").json()
+            assert detail["size_bytes"] == len(payload)
+            assert detail["sha256"] == hashlib.sha256(payload).hexdigest()
+        finally:
+            browser.close()
