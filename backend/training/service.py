@@ -31,6 +31,7 @@ from backend.db import run_after_commit, session_scope
 from backend.errors import AppError, Conflict, Invalid, NotFound
 from backend.models import (
     TASK_NAME_MAX_LENGTH,
+    TERMINAL_STATUSES,
     Backbone,
     BackboneStatus,
     Dataset,
@@ -46,6 +47,8 @@ from worker.patchgd.config import ALGORITHMS, config_from_dict
 from worker.patchgd.errors import ConfigError
 
 TASKS_DIR = "tasks"
+#: The terminal statuses by name (what pages and tests compare with).
+TERMINAL_NAMES = frozenset(status.value for status in TERMINAL_STATUSES)
 CHECKPOINTS_DIR = "checkpoints"
 EXPORTS_DIR = "exports"
 #: Hyperparameters the platform fills in itself: the dataset decides the classes, the backbone row
@@ -470,7 +473,7 @@ def finish(
         "updated_at": now,
     }
     if status == TaskStatus.SUCCEEDED:
-        values["fraction"] = 1.0
+        values.update(fraction=1.0, step=Task.total_steps, epoch=Task.epoch)
     if final_metrics is not None:
         values["final_metrics"] = final_metrics
     if artifacts is not None:

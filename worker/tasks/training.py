@@ -102,11 +102,13 @@ GENERIC_ERROR = (
 
 def dataset_index_from_report(dataset_dir: Path, report: dict[str, Any]):  # noqa: ANN201 (DatasetIndex)
     """The engine's dataset index built from a ready dataset's ``report.json`` (no rescan): the
-    validated files with their class index (``class_to_index``) and split."""
+    validated files with their class index (``class_to_index``) and split. The report's ``root``
+    is relative to the extracted ``images/`` folder."""
+    from worker.datasets.validate import IMAGES_DIR
     from worker.patchgd.data import DatasetIndex, Sample
     from worker.patchgd.errors import DatasetError
 
-    root = (dataset_dir / report.get("root", "")).resolve()
+    root = (dataset_dir / IMAGES_DIR / report.get("root", "")).resolve()
     if not root.is_relative_to(dataset_dir.resolve()):
         raise DatasetError("the dataset report points outside its folder")
     class_to_index = {str(k): int(v) for k, v in (report.get("class_to_index") or {}).items()}
