@@ -37,6 +37,7 @@ from backend.limits import ConcurrencyLimitMiddleware, configure_threads
 from backend.middleware import TOO_LARGE_CODE, BodyLimitMiddleware, UnhandledErrorMiddleware
 from backend.observability import HttpMetrics, ObservabilityMiddleware, configure_logging
 from backend.training import api as training_api
+from backend.training import views as training_views
 from backend.ui import views as ui_views
 from backend.ui.templating import STATIC_DIR, is_htmx, render
 
@@ -291,6 +292,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         accounts_views.router,
         datasets_views.router,
         backbones_views.router,
+        training_views.router,
         ui_views.router,
     ):
         app.include_router(page_router)

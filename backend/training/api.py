@@ -35,7 +35,8 @@ def _read(session, task) -> TaskRead:  # noqa: ANN001 (Session, Task)
         **CONFLICT,
         422: {
             "model": ErrorResponse,
-            "description": "A field, or a hyperparameter (`detail`: a list of `{field, message}`), is not valid.",
+            "description": "A field, or a hyperparameter (`detail`: a list of `{field, message}`), "
+            "is not valid.",
         },
     },
 )

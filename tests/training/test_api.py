@@ -126,7 +126,10 @@ def test_cancel_retry_clone_delete(settings, client, setup):
     set_row(settings, task_id, status=TaskStatus.CANCELLED)
     folder = service.task_dir(settings, task_id)
     folder.mkdir(parents=True)
-    assert client.delete(f"/api/v1/tasks/{task_id}", headers=auth).json() == {"id": task_id, "status": "deleted"}
+    assert client.delete(f"/api/v1/tasks/{task_id}", headers=auth).json() == {
+        "id": task_id,
+        "status": "deleted",
+    }
     assert not folder.exists()
     assert client.get(f"/api/v1/tasks/{task_id}", headers=auth).status_code == 404
 
@@ -162,7 +165,9 @@ def test_claim_respects_the_per_user_limit_and_is_conditional(settings, client, 
 def test_reaper_requeues_then_fails_after_max_attempts(settings, client, setup):
     task_id = create(client, setup).json()["id"]
     expired = utcnow() - timedelta(seconds=1)
-    set_row(settings, task_id, status=TaskStatus.RUNNING, attempts=1, max_attempts=2, lease_expires_at=expired)
+    set_row(
+        settings, task_id, status=TaskStatus.RUNNING, attempts=1, max_attempts=2, lease_expires_at=expired
+    )
     with session_scope(settings) as session:
         assert service.reap(session, settings) == {"requeued": [task_id], "failed": []}
     body = client.get(f"/api/v1/tasks/{task_id}", headers=setup["auth"]).json()

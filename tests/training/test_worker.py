@@ -72,7 +72,9 @@ class Processes:
         return process
 
     def logs(self) -> str:
-        return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-6000:]}" for _, log in self.started)
+        return "\n".join(
+            f"--- {log.name}\n{log.read_text(errors='replace')[-6000:]}" for _, log in self.started
+        )
 
     def kill(self, process: subprocess.Popen[bytes]) -> None:
         """SIGKILL the worker and its pool children at once, like a machine that lost power."""
@@ -131,7 +133,9 @@ def api(fast_settings, make_client, make_user, bearer):  # noqa: ANN001, ANN201
     def post(path: str) -> dict:
         return client.post(f"/api/v1/tasks{path}", headers=auth).json()
 
-    return type("Api", (), {"create": staticmethod(create), "get": staticmethod(get), "post": staticmethod(post)})
+    return type(
+        "Api", (), {"create": staticmethod(create), "get": staticmethod(get), "post": staticmethod(post)}
+    )
 
 
 def wait_until(
@@ -159,7 +163,11 @@ def test_patchgd_and_baseline_succeed_and_a_cancel_ends_a_run(fast_settings, pro
     patchgd = api.create("patchgd", "patchgd", dict(TINY_PATCHGD, epochs=2))
     baseline = api.create("baseline", "baseline", TINY_BASELINE)
     for task in (patchgd, baseline):
-        wait_until(processes, f"task {task['name']}", lambda t=task: status_of(api, t["id"]) in service.TERMINAL_NAMES)
+        wait_until(
+            processes,
+            f"task {task['name']}",
+            lambda t=task: status_of(api, t["id"]) in service.TERMINAL_NAMES,
+        )
         body = api.get(f"/{task['id']}")
         assert body["status"] == "succeeded", (body, processes.logs())
         assert body["attempts"] == 1 and body["progress"]["fraction"] == 1.0 and body["error"] == ""
@@ -256,9 +264,9 @@ def test_a_task_whose_worker_dies_on_every_attempt_fails_with_a_reason(fast_sett
         wait_until(
             processes,
             f"attempt {attempt} training",
-            lambda a=attempt: (lambda b: b["attempts"] == a and b["status"] == "running" and b["progress"]["step"] >= 1)(
-                api.get(f"/{task_id}")
-            ),
+            lambda a=attempt: (
+                lambda b: b["attempts"] == a and b["status"] == "running" and b["progress"]["step"] >= 1
+            )(api.get(f"/{task_id}")),
             ended=lambda: status_of(api, task_id) in service.TERMINAL_NAMES,
         )
         processes.kill(worker)

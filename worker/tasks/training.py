@@ -119,10 +119,12 @@ def dataset_index_from_report(dataset_dir: Path, report: dict[str, Any]):  # noq
         path = (root / rel).resolve()
         if not path.is_relative_to(root):
             raise DatasetError(f"the dataset report names a file outside its folder: {rel}")
-        samples.append(Sample(path=path, label=class_to_index[str(label)], split=str(splits.get(rel, "train"))))
+        split = str(splits.get(rel, "train"))
+        samples.append(Sample(path=path, label=class_to_index[str(label)], split=split))
     if not samples:
         raise DatasetError("the dataset has no images")
-    return DatasetIndex(root=root, classes=classes, samples=tuple(samples), source=str(report.get("source", "")))
+    source = str(report.get("source", ""))
+    return DatasetIndex(root=root, classes=classes, samples=tuple(samples), source=source)
 
 
 class _Lease:
