@@ -104,15 +104,17 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
         },
         # Training: a lost worker's task is requeued (or failed after max attempts), and a task
         # whose message was lost is sent again. Both are cheap queries.
+        # Their messages expire after a few intervals (at least a minute), not one: a short interval
+        # is shorter than a polling broker's delivery delay and every run would arrive expired.
         TRAINING_REAP: {
             "task": TRAINING_REAP,
             "schedule": float(settings.task_reaper_interval_seconds),
-            "options": {"expires": float(settings.task_reaper_interval_seconds)},
+            "options": {"expires": max(60.0, 4 * settings.task_reaper_interval_seconds)},
         },
         TRAINING_REDISPATCH: {
             "task": TRAINING_REDISPATCH,
             "schedule": float(settings.task_reaper_interval_seconds),
-            "options": {"expires": float(settings.task_reaper_interval_seconds)},
+            "options": {"expires": max(60.0, 4 * settings.task_reaper_interval_seconds)},
         },
     }
 
