@@ -101,6 +101,8 @@ BACKBONES_MEASURE = "backbones.measure"
 MEMORY_PLAN = "memory.plan"
 #: Train one task (its id); claimed from the row, so a duplicate message is harmless.
 TRAINING_TRAIN = "training.train"
+#: Export a finished task's model in one format (TorchScript, ONNX) on demand; default queue.
+TRAINING_EXPORT = "training.export"
 #: Periodic (Celery beat): requeue running tasks whose lease expired (or fail them after max attempts).
 TRAINING_REAP = "training.reap"
 #: Periodic (Celery beat): send again the tasks left queued too long (a lost or unsent message).

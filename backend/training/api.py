@@ -6,13 +6,23 @@ user's task is a 404 on every route.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, status
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from backend import paths  # noqa: F401  (registers the ``row_id`` path convertor)
 from backend.deps import CurrentUser, RowId, SessionDep, SettingsDep
 from backend.errors import ErrorResponse
 from backend.training import service
-from backend.training.schemas import TaskClone, TaskCreate, TaskDeleted, TaskMetricRead, TaskRead
+from backend.training.schemas import (
+    ModelExporting,
+    TaskClone,
+    TaskCreate,
+    TaskDeleted,
+    TaskMetricRead,
+    TaskRead,
+)
 
 router = APIRouter(prefix="/tasks", tags=["training"], responses={401: {"model": ErrorResponse}})
 
@@ -114,3 +124,35 @@ def delete_task(task_id: RowId, user: CurrentUser, session: SessionDep, settings
     """Delete a task, its metrics and its files. A running task is refused (409): cancel it first."""
     service.delete_task(session, settings, user, task_id)
     return TaskDeleted(id=task_id)
+
+
+@router.get(
+    "/{task_id:row_id}/model",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+        202: {"model": ModelExporting, "description": "A worker is making this format; ask again."},
+        400: {"model": ErrorResponse},
+        **NOT_FOUND,
+        **CONFLICT,
+    },
+)
+def download_model(
+    task_id: RowId,
+    user: CurrentUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    format: Annotated[Literal["safetensors", "torchscript", "onnx"], Query()] = "safetensors",  # noqa: A002
+) -> Response:
+    """The trained model of a succeeded task: `safetensors` (weights; `config.json` beside it in
+    the export folder holds the hyperparameters), `torchscript` or `onnx`. The first request for
+    TorchScript or ONNX answers 202 while a worker exports it (then it is kept); ask again."""
+    path = service.model_file(session, settings, user, task_id, format)
+    if path is None:
+        body = ModelExporting(id=task_id, format=format)
+        return JSONResponse(body.model_dump(), status_code=202, headers={"Retry-After": "5"})
+    return FileResponse(
+        path,
+        media_type=service.EXPORT_MEDIA_TYPES[format],
+        filename=f"task-{task_id}-{path.name}",
+    )

@@ -146,3 +146,11 @@ class TaskDeleted(BaseModel):
 
     id: int
     status: Literal["deleted"] = "deleted"
+
+
+class ModelExporting(BaseModel):
+    """A model format a worker is exporting: ask again in a few seconds."""
+
+    id: int
+    format: str
+    status: Literal["exporting"] = "exporting"

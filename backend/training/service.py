@@ -42,7 +42,7 @@ from backend.models import (
     User,
 )
 from backend.models.base import utcnow
-from backend.queue import TRAINING_TRAIN, enqueue_after_commit
+from backend.queue import TRAINING_EXPORT, TRAINING_TRAIN, enqueue_after_commit
 from worker.patchgd.config import ALGORITHMS, config_from_dict
 from worker.patchgd.errors import ConfigError
 
@@ -51,6 +51,17 @@ TASKS_DIR = "tasks"
 TERMINAL_NAMES = frozenset(status.value for status in TERMINAL_STATUSES)
 CHECKPOINTS_DIR = "checkpoints"
 EXPORTS_DIR = "exports"
+#: Model formats a finished task can be downloaded in (safetensors is written when the run ends;
+#: the others are made by a worker on the first request and kept).
+EXPORT_FORMATS = ("safetensors", "torchscript", "onnx")
+#: Media type of each download.
+EXPORT_MEDIA_TYPES = {
+    "safetensors": "application/octet-stream",
+    "torchscript": "application/octet-stream",
+    "onnx": "application/octet-stream",
+}
+#: An export requested this long ago without a result is requested again (its worker may have died).
+EXPORT_RETRY_AFTER = timedelta(minutes=10)
 #: Hyperparameters the platform fills in itself: the dataset decides the classes, the backbone row
 #: the architecture and the weights file (a user never names a server path).
 PLATFORM_FIELDS = ("num_classes", "backbone", "pretrained_weights")
@@ -618,3 +629,50 @@ def current_artifacts(settings: Settings, task_id: int) -> dict[str, Any]:
     """The task's ``artifacts`` as stored (the worker adds its exports before finishing)."""
     with session_scope(settings) as session:
         return dict(session.scalar(select(Task.artifacts).where(Task.id == task_id)) or {})
+
+
+# Model downloads.
+
+
+def model_file(session: Session, settings: Settings, user: User, task_id: int, fmt: str) -> Path | None:
+    """The file of the task's model in ``fmt``, or None while a worker makes it (requested here,
+    after the commit, once per :data:`EXPORT_RETRY_AFTER`). Only a succeeded task has a model."""
+    if fmt not in EXPORT_FORMATS:
+        raise Invalid(f"Unknown format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}.")
+    task = get_task(session, user, task_id)
+    if task.status != TaskStatus.SUCCEEDED:
+        raise Conflict(f"Task {task.name!r} is {task.status.value}: only a succeeded task has a model.")
+    artifacts = dict(task.artifacts or {})
+    relative = (artifacts.get("exports") or {}).get(fmt)
+    if relative:
+        path = (settings.data_dir / relative).resolve()
+        if path.is_file() and path.is_relative_to(task_dir(settings, task.id).resolve()):
+            return path
+    error = (artifacts.get("export_errors") or {}).get(fmt)
+    if error:
+        raise Conflict(f"The {fmt} export failed: {error}")
+    requested = (artifacts.get("export_requested") or {}).get(fmt)
+    now = utcnow()
+    if requested is None or datetime.fromisoformat(requested) < now - EXPORT_RETRY_AFTER:
+        artifacts["export_requested"] = {**(artifacts.get("export_requested") or {}), fmt: now.isoformat()}
+        task.artifacts = artifacts
+        session.flush()
+        enqueue_after_commit(session, settings, TRAINING_EXPORT, task.id, fmt)
+    return None
+
+
+def record_export(settings: Settings, task_id: int, fmt: str, *, path: Path | None, error: str = "") -> None:
+    """The worker's result of an export: the file (relative to the data dir) or why it failed."""
+    with session_scope(settings) as session:
+        task = session.scalar(select(Task).where(Task.id == task_id).with_for_update())
+        if task is None:
+            return
+        artifacts = dict(task.artifacts or {})
+        if path is not None:
+            artifacts["exports"] = {
+                **(artifacts.get("exports") or {}),
+                fmt: str(path.relative_to(settings.data_dir)),
+            }
+        else:
+            artifacts["export_errors"] = {**(artifacts.get("export_errors") or {}), fmt: error[:2000]}
+        task.artifacts = artifacts

@@ -196,3 +196,12 @@ def test_redispatcher_resends_stale_queued_tasks_within_the_limit(settings, clie
         assert service.redispatch(session, limited) == [first]  # one free slot for this owner
     with session_scope(limited) as session:
         assert service.redispatch(session, limited) == []
+
+
+def test_only_a_succeeded_task_has_a_model(client, setup):
+    task_id = create(client, setup).json()["id"]
+    queued = client.get(f"/api/v1/tasks/{task_id}/model", headers=setup["auth"])
+    assert queued.status_code == 409 and "only a succeeded task" in queued.json()["detail"]
+    assert (
+        client.get(f"/api/v1/tasks/{task_id}/model?format=pickle", headers=setup["auth"]).status_code == 422
+    )

@@ -181,6 +181,18 @@ def test_patchgd_and_baseline_succeed_and_a_cancel_ends_a_run(fast_settings, pro
         assert body["best"]["epoch"] in {m["epoch"] for m in metrics}
     exported = fast_settings.data_dir / "tasks" / str(patchgd["id"]) / "exports"
     assert any(exported.glob("*.safetensors"))
+    # Downloads: safetensors at once; TorchScript made by the worker on the first request, then kept.
+    weights = api.client.get(f"/api/v1/tasks/{patchgd['id']}/model", headers=api.auth)
+    assert weights.status_code == 200 and weights.content == (exported / "model.safetensors").read_bytes()
+    first = api.client.get(f"/api/v1/tasks/{patchgd['id']}/model?format=torchscript", headers=api.auth)
+    assert first.status_code == 202 and first.json()["status"] == "exporting"
+
+    def torchscript_ready() -> bool:
+        response = api.client.get(f"/api/v1/tasks/{patchgd['id']}/model?format=torchscript", headers=api.auth)
+        assert response.status_code in (200, 202), response.text
+        return response.status_code == 200 and len(response.content) > 1000
+
+    wait_until(processes, "the TorchScript export", torchscript_ready, timeout=120)
 
     # A long run, cancelled while it trains, ends `cancelled` within seconds.
     long = api.create("long", "patchgd", dict(TINY_PATCHGD, epochs=50, batch_size=2))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.config import get_settings
-from backend.queue import MEMORY_PLAN, TRAINING_REAP, TRAINING_REDISPATCH, TRAINING_TRAIN
+from backend.queue import MEMORY_PLAN, TRAINING_EXPORT, TRAINING_REAP, TRAINING_REDISPATCH, TRAINING_TRAIN
 from worker.celery_app import celery_app
 
 logger = logging.getLogger(__name__)
@@ -343,3 +343,29 @@ def redispatch_tasks() -> list[int]:
     if sent:
         logger.info("re-dispatched tasks %s", sent)
     return sent
+
+
+def export_model(settings, task_id: int, fmt: str) -> str:  # noqa: ANN001 (Settings)
+    """Export the finished task's model in ``fmt`` next to its safetensors export; record the result."""
+    from backend.training import service
+    from worker.patchgd import export_all, load_model
+    from worker.patchgd.errors import EngineError
+
+    folder = service.task_dir(settings, task_id)
+    exports = folder / service.EXPORTS_DIR
+    source = exports if (exports / "config.json").is_file() else folder / service.CHECKPOINTS_DIR
+    try:
+        model, cfg = load_model(source)
+        written = export_all(model, cfg, exports, formats=(fmt,))
+    except EngineError as exc:
+        logger.info("task %s: %s export failed: %s", task_id, fmt, exc)
+        service.record_export(settings, task_id, fmt, path=None, error=str(exc))
+        return "failed"
+    service.record_export(settings, task_id, fmt, path=Path(written["paths"][fmt]))
+    return "exported"
+
+
+@celery_app.task(name=TRAINING_EXPORT)
+def export_task_model(task_id: int, fmt: str) -> str:
+    """Export task ``task_id``'s model as ``fmt`` (``torchscript`` or ``onnx``) for download."""
+    return export_model(get_settings(), int(task_id), str(fmt))
