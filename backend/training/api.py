@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Path, Query, status
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from backend import paths  # noqa: F401  (registers the ``row_id`` path convertor)
@@ -17,6 +17,8 @@ from backend.errors import ErrorResponse
 from backend.training import service
 from backend.training.schemas import (
     ModelExporting,
+    PlanRequest,
+    PlanStatus,
     TaskClone,
     TaskCreate,
     TaskDeleted,
@@ -65,6 +67,39 @@ def create_task(body: TaskCreate, user: CurrentUser, session: SessionDep, settin
         memory_budget_gib=body.memory_budget_gib,
     )
     return _read(session, task)
+
+
+@router.post(
+    "/plan",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=PlanStatus,
+    responses={**NOT_FOUND, **CONFLICT, 422: {"model": ErrorResponse}},
+)
+def request_plan(
+    body: PlanRequest, user: CurrentUser, session: SessionDep, settings: SettingsDep
+) -> PlanStatus:
+    """Ask a worker which batch size and patches per step fit `memory_budget_gib` for these
+    settings (measured on the kind of worker that trains); poll `GET /tasks/plan/{token}`."""
+    token = service.request_plan(
+        session,
+        settings,
+        user,
+        dataset_id=body.dataset_id,
+        backbone_id=body.backbone_id,
+        algorithm=body.algorithm,
+        hyperparameters=body.hyperparameters,
+        memory_budget_gib=body.memory_budget_gib,
+    )
+    return PlanStatus(token=token, status="planning")
+
+
+@router.get("/plan/{token}", response_model=PlanStatus, responses=NOT_FOUND)
+def read_plan(
+    token: Annotated[str, Path(max_length=64)], user: CurrentUser, settings: SettingsDep
+) -> PlanStatus:
+    """A plan you requested: `planning`, or `done` with the worker's report."""
+    report = service.read_plan(settings, user, token)
+    return PlanStatus(token=token, status="done" if report is not None else "planning", report=report)
 
 
 @router.get("", response_model=list[TaskRead])

@@ -154,3 +154,25 @@ class ModelExporting(BaseModel):
     id: int
     format: str
     status: Literal["exporting"] = "exporting"
+
+
+class PlanRequest(BaseModel):
+    """What to plan: the task's dataset, backbone, algorithm and hyperparameters, and the budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: int = Field(ge=1, le=MAX_ROW_ID)
+    backbone_id: int = Field(ge=1, le=MAX_ROW_ID)
+    algorithm: Algorithm = "patchgd"
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    memory_budget_gib: float = Field(gt=0, le=4096)
+
+
+class PlanStatus(BaseModel):
+    """A plan: ``planning`` until a worker measured it, then ``done`` with its ``report``
+    (``fits``, ``batch_size``, ``patches_per_step``, ``image_size``, predicted and measured bytes,
+    ``reason``)."""
+
+    token: str
+    status: Literal["planning", "done"]
+    report: dict[str, Any] | None = None

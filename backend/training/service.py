@@ -14,8 +14,10 @@ progress and heartbeat writes use short transactions of their own, like the data
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import uuid
 from collections.abc import Sequence
 from dataclasses import fields
 from datetime import datetime, timedelta
@@ -42,7 +44,7 @@ from backend.models import (
     User,
 )
 from backend.models.base import utcnow
-from backend.queue import TRAINING_EXPORT, TRAINING_TRAIN, enqueue_after_commit
+from backend.queue import MEMORY_PLAN, TRAINING_EXPORT, TRAINING_TRAIN, enqueue_after_commit
 from worker.patchgd.config import ALGORITHMS, config_from_dict
 from worker.patchgd.errors import ConfigError
 
@@ -51,6 +53,8 @@ TASKS_DIR = "tasks"
 TERMINAL_NAMES = frozenset(status.value for status in TERMINAL_STATUSES)
 CHECKPOINTS_DIR = "checkpoints"
 EXPORTS_DIR = "exports"
+#: Subfolder of the data dir where the ``memory.plan`` job writes its reports (one per token).
+PLAN_DIR = "memory_plans"
 #: Model formats a finished task can be downloaded in (safetensors is written when the run ends;
 #: the others are made by a worker on the first request and kept).
 EXPORT_FORMATS = ("safetensors", "torchscript", "onnx")
@@ -676,3 +680,40 @@ def record_export(settings: Settings, task_id: int, fmt: str, *, path: Path | No
         else:
             artifacts["export_errors"] = {**(artifacts.get("export_errors") or {}), fmt: error[:2000]}
         task.artifacts = artifacts
+
+
+# Memory plans: settings that fit a budget, measured on a worker (``memory.plan``).
+
+
+def request_plan(
+    session: Session,
+    settings: Settings,
+    user: User,
+    *,
+    dataset_id: int,
+    backbone_id: int,
+    algorithm: str,
+    hyperparameters: dict[str, Any],
+    memory_budget_gib: float,
+) -> str:
+    """Check the settings like :func:`create_task`, then ask a worker for a plan under the budget;
+    returns the token to read it back with (:func:`read_plan`)."""
+    dataset = _ready_dataset(session, user, dataset_id)
+    backbone = _ready_backbone(session, user, backbone_id)
+    num_classes = int(dataset.num_classes or len((dataset.summary or {}).get("classes", [])))
+    config = validate_hyperparameters(
+        settings, algorithm, hyperparameters, num_classes, backbone.architecture
+    )
+    token = f"u{user.id}-{uuid.uuid4().hex}"
+    enqueue_after_commit(session, settings, MEMORY_PLAN, token, algorithm, config, float(memory_budget_gib))
+    return token
+
+
+def read_plan(settings: Settings, user: User, token: str) -> dict[str, Any] | None:
+    """The plan requested under ``token`` by ``user`` (None while the worker makes it)."""
+    if not re.fullmatch(rf"u{user.id}-[0-9a-f]{{32}}", token):
+        raise NotFound("No such plan.")
+    path = settings.data_dir / PLAN_DIR / f"{token}.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -205,3 +205,27 @@ def test_only_a_succeeded_task_has_a_model(client, setup):
     assert (
         client.get(f"/api/v1/tasks/{task_id}/model?format=pickle", headers=setup["auth"]).status_code == 422
     )
+
+
+def test_a_plan_is_requested_with_checked_settings_and_read_back_by_its_owner_only(
+    settings, client, setup, make_user, bearer
+):
+    body = {
+        "dataset_id": setup["dataset_id"],
+        "backbone_id": setup["backbone_id"],
+        "algorithm": "patchgd",
+        "hyperparameters": dict(TINY_PATCHGD),
+        "memory_budget_gib": 4,
+    }
+    bad = client.post(
+        "/api/v1/tasks/plan", json={**body, "hyperparameters": {"epochs": 0}}, headers=setup["auth"]
+    )
+    assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "epochs"
+    asked = client.post("/api/v1/tasks/plan", json=body, headers=setup["auth"])
+    assert asked.status_code == 202, asked.text
+    token = asked.json()["token"]
+    pending = client.get(f"/api/v1/tasks/plan/{token}", headers=setup["auth"]).json()
+    assert pending == {"token": token, "status": "planning", "report": None}
+    other = bearer(client, make_user())
+    assert client.get(f"/api/v1/tasks/plan/{token}", headers=other).status_code == 404
+    assert client.get("/api/v1/tasks/plan/..%2Fsecret", headers=setup["auth"]).status_code == 404

@@ -17,12 +17,14 @@ from typing import Any
 
 from backend.config import get_settings
 from backend.queue import MEMORY_PLAN, TRAINING_EXPORT, TRAINING_REAP, TRAINING_REDISPATCH, TRAINING_TRAIN
+
+# Subfolder of the data dir where plans are written (Celery results are switched off); the web
+# process reads them back from there.
+from backend.training.service import PLAN_DIR
 from worker.celery_app import celery_app
 
 logger = logging.getLogger(__name__)
 
-#: Subfolder of the data dir where plans are written (Celery results are switched off).
-PLAN_DIR = "memory_plans"
 #: Calibration cache shared by every plan made on this data dir.
 CALIBRATION_FILE = "memory_calibration.json"
 
