@@ -378,21 +378,30 @@ def claim(session: Session, settings: Settings, task_id: int, worker_id: str) ->
     """Take a queued task for ``worker_id``: ``"claimed"``, ``"waiting"`` (its owner already runs
     ``max_running_tasks_per_user`` tasks; it stays queued) or ``"skipped"`` (gone, not queued).
 
-    A conditional UPDATE (``WHERE status = 'queued'``), so a duplicate message never runs a task
-    twice. On Postgres the owner's row is locked first so that two workers claiming two tasks of
-    one owner at once count each other; SQLite serializes writers anyway.
+    One conditional UPDATE (``WHERE status = 'queued'`` and fewer running tasks of the owner than
+    the limit, counted in the same statement), so a duplicate message never runs a task twice.
+    On Postgres the owner's row is locked first, so that two workers claiming two tasks of one
+    owner at once count each other (the UPDATE's snapshot is taken after the lock); SQLite runs
+    one writing statement at a time anyway.
     """
     owner_id = session.scalar(select(Task.owner_id).where(Task.id == task_id))
     if owner_id is None:
         return "skipped"
     session.execute(select(User.id).where(User.id == owner_id).with_for_update())
-    if _running_of(session, owner_id) >= settings.max_running_tasks_per_user:
-        state = session.scalar(select(Task.status).where(Task.id == task_id))
-        return "waiting" if state == TaskStatus.QUEUED else "skipped"
+    running = (
+        select(func.count(Task.id))
+        .where(Task.owner_id == owner_id, Task.status == TaskStatus.RUNNING)
+        .scalar_subquery()
+    )
     now = utcnow()
     claimed = session.execute(
         update(Task)
-        .where(Task.id == task_id, Task.status == TaskStatus.QUEUED, Task.cancel_requested.is_(False))
+        .where(
+            Task.id == task_id,
+            Task.status == TaskStatus.QUEUED,
+            Task.cancel_requested.is_(False),
+            running < settings.max_running_tasks_per_user,
+        )
         .values(
             status=TaskStatus.RUNNING,
             attempts=Task.attempts + 1,
@@ -404,8 +413,12 @@ def claim(session: Session, settings: Settings, task_id: int, worker_id: str) ->
             error="",
             updated_at=now,
         )
+        .execution_options(synchronize_session=False)
     ).rowcount  # type: ignore[attr-defined]
-    return "claimed" if claimed == 1 else "skipped"
+    if claimed == 1:
+        return "claimed"
+    state = session.scalar(select(Task.status).where(Task.id == task_id))
+    return "waiting" if state == TaskStatus.QUEUED else "skipped"
 
 
 def _mine(task_id: int, worker_id: str) -> Any:
