@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -133,9 +134,7 @@ def api(fast_settings, make_client, make_user, bearer):  # noqa: ANN001, ANN201
     def post(path: str) -> dict:
         return client.post(f"/api/v1/tasks{path}", headers=auth).json()
 
-    return type(
-        "Api", (), {"create": staticmethod(create), "get": staticmethod(get), "post": staticmethod(post)}
-    )
+    return SimpleNamespace(create=create, get=get, post=post, client=client, auth=auth)
 
 
 def wait_until(
