@@ -40,7 +40,7 @@ RUN pip install -e '.[worker]'
 USER tessera
 HEALTHCHECK NONE
 # Concurrency 1: each worker container owns one GPU and trains one task at a time;
-# scale out with `docker compose up --scale worker=N`. It reads both queues: trainings (celery)
-# and the short jobs such as dataset validation (tessera.light).
+# scale out with `docker compose up --scale worker=N`. It reads every queue: trainings
+# (tessera.training), plans (celery) and the short jobs such as dataset validation (tessera.light).
 CMD ["python", "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "prefork", "--concurrency", "1", \
-     "--loglevel", "INFO", "--hostname", "tessera@%h", "--queues", "celery,tessera.light"]
+     "--loglevel", "INFO", "--hostname", "tessera@%h", "--queues", "celery,tessera.light,tessera.training"]

@@ -129,6 +129,34 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         default=1_000_000_000, ge=1, description="Decompression-bomb guard for images."
     )
+    # Training tasks.
+    max_running_tasks_per_user: int = Field(
+        default=2, ge=1, description="Tasks of one user that run at once; the others wait, queued."
+    )
+    task_max_attempts: int = Field(
+        default=3, ge=1, description="Starts of a task (a lost worker counts one) before it is failed."
+    )
+    task_lease_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="A running task whose worker sent no heartbeat for this long is requeued by the reaper.",
+    )
+    task_reaper_interval_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How often Celery beat looks for expired leases and stale queued tasks.",
+    )
+    task_redispatch_after_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="A task still queued this long after its message was sent is sent again.",
+    )
+    task_checkpoint_every_minutes: float = Field(
+        default=5.0, gt=0, description="Default of a task's mid-epoch checkpoint interval."
+    )
+    task_progress_interval_seconds: float = Field(
+        default=1.5, gt=0, description="Progress is written, and cancellation read, at most this often."
+    )
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

@@ -48,6 +48,9 @@ DEFAULT_QUEUE = "celery"
 #: Queue of short jobs (validating an upload, measuring a backbone, demo data) that must not wait
 #: behind a training run; every worker consumes it unless started with ``-Q`` for one queue only.
 LIGHT_QUEUE = "tessera.light"
+#: Queue of training runs (``training.train``); `tessera serve`'s worker consumes it with the others,
+#: and a GPU machine can run a worker for it alone (``-Q tessera.training``).
+TRAINING_QUEUE = "tessera.training"
 #: Queue that ``/healthz`` declares to prove a real round trip to the broker; no worker reads it.
 HEALTH_QUEUE = "tessera.health"
 #: How long a broker probe's answer is reused by /healthz (a burst of health checks probes once).
@@ -96,6 +99,14 @@ BACKBONES_VALIDATE = "backbones.validate"
 BACKBONES_MEASURE = "backbones.measure"
 #: Runs on the default queue: a plan is measured on the kind of worker that will train.
 MEMORY_PLAN = "memory.plan"
+#: Train one task (its id); claimed from the row, so a duplicate message is harmless.
+TRAINING_TRAIN = "training.train"
+#: Export a finished task's model in one format (TorchScript, ONNX) on demand; default queue.
+TRAINING_EXPORT = "training.export"
+#: Periodic (Celery beat): requeue running tasks whose lease expired (or fail them after max attempts).
+TRAINING_REAP = "training.reap"
+#: Periodic (Celery beat): send again the tasks left queued too long (a lost or unsent message).
+TRAINING_REDISPATCH = "training.redispatch"
 
 #: Task name -> Celery route; tasks not listed go to :data:`DEFAULT_QUEUE`. The client and the
 #: worker's Celery app both use it, so a task is sent to the queue its workers read.
@@ -105,6 +116,9 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     DATASETS_PRUNE_UPLOADS: {"queue": LIGHT_QUEUE},
     BACKBONES_VALIDATE: {"queue": LIGHT_QUEUE},
     BACKBONES_MEASURE: {"queue": LIGHT_QUEUE},
+    TRAINING_TRAIN: {"queue": TRAINING_QUEUE},
+    TRAINING_REAP: {"queue": LIGHT_QUEUE},
+    TRAINING_REDISPATCH: {"queue": LIGHT_QUEUE},
 }
 
 

@@ -26,7 +26,7 @@ from backend.accounts.users import ensure_first_admin
 from backend.config import Settings
 from backend.db import session_scope, upgrade_database
 from backend.errors import AppError
-from backend.queue import DEFAULT_QUEUE, LIGHT_QUEUE
+from backend.queue import DEFAULT_QUEUE, LIGHT_QUEUE, TRAINING_QUEUE
 from worker.celery_app import celery_app
 
 #: Seconds the children get to finish after a stop request before they are killed.
@@ -88,9 +88,9 @@ def worker_command(settings: Settings) -> list[str]:
         settings.log_level.upper(),
         "--hostname",
         "tessera@%h",
-        # Trainings (default queue) and the short jobs (light queue: dataset validation).
+        # Trainings (training queue), plans (default queue) and the short jobs (light queue).
         "--queues",
-        f"{DEFAULT_QUEUE},{LIGHT_QUEUE}",
+        f"{DEFAULT_QUEUE},{LIGHT_QUEUE},{TRAINING_QUEUE}",
     ]
 
 

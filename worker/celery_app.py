@@ -11,7 +11,16 @@ from celery import Celery
 from kombu import Queue
 
 from backend.config import Settings, get_settings
-from backend.queue import ACCOUNTS_PRUNE, DATASETS_PRUNE_UPLOADS, DEFAULT_QUEUE, LIGHT_QUEUE, TASK_ROUTES
+from backend.queue import (
+    ACCOUNTS_PRUNE,
+    DATASETS_PRUNE_UPLOADS,
+    DEFAULT_QUEUE,
+    LIGHT_QUEUE,
+    TASK_ROUTES,
+    TRAINING_QUEUE,
+    TRAINING_REAP,
+    TRAINING_REDISPATCH,
+)
 
 #: How long Redis keeps an unacknowledged message before handing it to another worker.
 #: Training runs for hours and messages are acknowledged only when a task ends, so this must
@@ -66,8 +75,9 @@ def create_celery(settings: Settings) -> Celery:
         # message, decides who owns the task.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_default_queue=DEFAULT_QUEUE,
-        # A worker started without -Q consumes both queues; `-Q tessera.light` makes a light worker.
-        task_queues=(Queue(DEFAULT_QUEUE), Queue(LIGHT_QUEUE)),
+        # A worker started without -Q consumes every queue; `-Q tessera.light` makes a light worker
+        # and `-Q tessera.training` a training-only one.
+        task_queues=(Queue(DEFAULT_QUEUE), Queue(LIGHT_QUEUE), Queue(TRAINING_QUEUE)),
         task_routes=TASK_ROUTES,
         timezone="UTC",
         enable_utc=True,
@@ -91,6 +101,20 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
             "task": DATASETS_PRUNE_UPLOADS,
             "schedule": min(3600.0, settings.stale_upload_hours * 3600 / 4),
             "options": {"expires": min(3600.0, settings.stale_upload_hours * 3600 / 4)},
+        },
+        # Training: a lost worker's task is requeued (or failed after max attempts), and a task
+        # whose message was lost is sent again. Both are cheap queries.
+        # Their messages expire after a few intervals (at least a minute), not one: a short interval
+        # is shorter than a polling broker's delivery delay and every run would arrive expired.
+        TRAINING_REAP: {
+            "task": TRAINING_REAP,
+            "schedule": float(settings.task_reaper_interval_seconds),
+            "options": {"expires": max(60.0, 4 * settings.task_reaper_interval_seconds)},
+        },
+        TRAINING_REDISPATCH: {
+            "task": TRAINING_REDISPATCH,
+            "schedule": float(settings.task_reaper_interval_seconds),
+            "options": {"expires": max(60.0, 4 * settings.task_reaper_interval_seconds)},
         },
     }
 

@@ -116,11 +116,12 @@ def read_backbone(
 @router.delete(
     "/{backbone_id:row_id}",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+    responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
 )
 def delete_backbone(
     backbone_id: RowId, session: SessionDep, settings: SettingsDep, user: CurrentUser
 ) -> Response:
-    """Delete one of your uploads and its file. Built-in backbones cannot be deleted (403)."""
+    """Delete one of your uploads and its file. Built-in backbones cannot be deleted (403); a
+    backbone a training task uses is refused (409)."""
     service.delete_backbone(session, settings, user, backbone_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

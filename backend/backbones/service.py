@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session
 from backend.backbones.uploads import ReceivedUpload
 from backend.config import Settings
 from backend.db import run_after_commit
-from backend.errors import Forbidden, Invalid, NotFound
-from backend.models import BACKBONE_NAME_MAX_LENGTH, Backbone, BackboneStatus, User, utcnow
+from backend.errors import Conflict, Forbidden, Invalid, NotFound
+from backend.models import BACKBONE_NAME_MAX_LENGTH, Backbone, BackboneStatus, Task, User, utcnow
 from backend.queue import BACKBONES_MEASURE, BACKBONES_VALIDATE, enqueue_after_commit
 from backend.text import has_control_characters, without_control_characters
 from worker.patchgd.catalog import list_backbones as catalog_names
@@ -201,11 +201,20 @@ def create_upload(session: Session, settings: Settings, user: User, received: Re
     return row
 
 
+def backbone_in_use(session: Session, row: Backbone) -> bool:
+    """True when a training task uses ``row`` (then it must not be deleted)."""
+    return session.scalar(select(Task.id).where(Task.backbone_id == row.id).limit(1)) is not None
+
+
 def delete_backbone(session: Session, settings: Settings, user: User, backbone_id: int) -> None:
     """Delete one of the user's uploads and, after the commit, its files; built-ins stay."""
     row = get_visible(session, user, backbone_id)
     if row.owner_id is None:
         raise Forbidden("Built-in backbones belong to the catalog and cannot be deleted.")
+    if backbone_in_use(session, row):
+        raise Conflict(
+            f"Backbone {row.name!r} is used by a training task: delete the tasks that use it first."
+        )
     folder = backbone_dir(settings, row.id)
     session.delete(row)
     session.flush()

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from backend.config import Settings
 from backend.db import run_after_commit, session_scope
 from backend.errors import AppError, Conflict, Invalid, NotFound
-from backend.models import DATASET_NAME_MAX_LENGTH, Dataset, DatasetStatus, User
+from backend.models import DATASET_NAME_MAX_LENGTH, Dataset, DatasetStatus, Task, User
 from backend.models.base import utcnow
 from backend.queue import DATASETS_DEMO, DATASETS_VALIDATE, enqueue_after_commit
 from backend.text import has_control_characters, without_control_characters
@@ -192,13 +192,8 @@ def get_dataset(session: Session, user: User, dataset_id: int) -> Dataset:
 
 
 def dataset_in_use(session: Session, dataset: Dataset) -> bool:
-    """True when a training task uses ``dataset`` (then it must not be deleted).
-
-    No table refers to datasets yet, so nothing uses one: this returns False. The training
-    domain must make it answer for real (a query on its tasks table) when tasks reference
-    datasets; :func:`delete_dataset` already refuses with 409 when it says True.
-    """
-    return False
+    """True when a training task uses ``dataset`` (then it must not be deleted)."""
+    return session.scalar(select(Task.id).where(Task.dataset_id == dataset.id).limit(1)) is not None
 
 
 def delete_dataset(session: Session, settings: Settings, user: User, dataset_id: int) -> bool:
@@ -209,7 +204,9 @@ def delete_dataset(session: Session, settings: Settings, user: User, dataset_id:
     """
     dataset = get_dataset(session, user, dataset_id)
     if dataset_in_use(session, dataset):
-        raise Conflict(f"Dataset {dataset.name!r} is used by a training task: delete that task first.")
+        raise Conflict(
+            f"Dataset {dataset.name!r} is used by a training task: delete the tasks that train on it first."
+        )
     if dataset.status == DatasetStatus.VALIDATING:
         dataset.delete_requested = True
         session.flush()

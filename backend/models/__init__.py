@@ -5,6 +5,7 @@ from backend.models.backbone import BACKBONE_NAME_MAX_LENGTH, Backbone, Backbone
 from backend.models.base import Base, utcnow
 from backend.models.dataset import DATASET_NAME_MAX_LENGTH, Dataset, DatasetStatus
 from backend.models.login_attempt import LoginAttempt
+from backend.models.task import TASK_NAME_MAX_LENGTH, TERMINAL_STATUSES, Task, TaskMetric, TaskStatus
 from backend.models.user import USERNAME_MAX_LENGTH, Role, User
 from backend.models.user_session import SESSION_ID_LENGTH, UserSession
 
@@ -12,6 +13,8 @@ __all__ = [
     "BACKBONE_NAME_MAX_LENGTH",
     "DATASET_NAME_MAX_LENGTH",
     "SESSION_ID_LENGTH",
+    "TASK_NAME_MAX_LENGTH",
+    "TERMINAL_STATUSES",
     "TOKEN_NAME_MAX_LENGTH",
     "USERNAME_MAX_LENGTH",
     "ApiToken",
@@ -22,6 +25,9 @@ __all__ = [
     "Base",
     "LoginAttempt",
     "Role",
+    "Task",
+    "TaskMetric",
+    "TaskStatus",
     "TokenKind",
     "User",
     "UserSession",

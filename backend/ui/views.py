@@ -24,12 +24,6 @@ def dashboard(request: Request, user: CurrentUser, session: SessionDep) -> Respo
     return render(request, "ui/dashboard.html", {"active": "dashboard", "counts": counts})
 
 
-@router.get("/tasks")
-def tasks(request: Request, user: CurrentUser) -> Response:
-    """Training tasks (empty state until tasks can be created)."""
-    return render(request, "ui/tasks.html", {"active": "tasks"})
-
-
 @router.get("/compare")
 def compare(request: Request, user: CurrentUser) -> Response:
     """Comparison of finished tasks (empty state until tasks have run)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from backend.config import Settings
-from backend.queue import DEFAULT_QUEUE, LIGHT_QUEUE
+from backend.queue import DEFAULT_QUEUE, LIGHT_QUEUE, TRAINING_QUEUE
 from backend.supervisor import child_environment, worker_command
 from tests.datasets.helpers import bad_zip, good_zip
 
@@ -92,8 +92,8 @@ def test_a_real_worker_validates_uploads_from_the_light_queue(
     assert "datasets.validate" in log.read_text(errors="replace")
 
 
-def test_every_worker_command_reads_the_light_queue():
-    queues = f"{DEFAULT_QUEUE},{LIGHT_QUEUE}"
+def test_every_worker_command_reads_the_light_and_training_queues():
+    queues = f"{DEFAULT_QUEUE},{LIGHT_QUEUE},{TRAINING_QUEUE}"
     assert queues in worker_command(Settings(data_dir=REPO_ROOT / "unused"))
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
     assert f'"--queues", "{queues}"' in dockerfile

@@ -1,4 +1,5 @@
-"""Training jobs: planning a run under a memory budget, on the worker that will train it.
+"""Training jobs: a task's run (``training.train``), the reaper and re-dispatcher that keep tasks
+moving when workers die or messages are lost, and planning a run under a memory budget.
 
 The task names come from ``backend.queue`` (the web process sends by them); the engine is
 imported inside the task bodies, so importing this module stays torch-free.
@@ -7,17 +8,23 @@ imported inside the task bodies, so importing this module stays torch-free.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 from backend.config import get_settings
-from backend.queue import MEMORY_PLAN
+from backend.queue import MEMORY_PLAN, TRAINING_EXPORT, TRAINING_REAP, TRAINING_REDISPATCH, TRAINING_TRAIN
+
+# Subfolder of the data dir where plans are written (Celery results are switched off); the web
+# process reads them back from there.
+from backend.training.service import PLAN_DIR
 from worker.celery_app import celery_app
 
-#: Subfolder of the data dir where plans are written (Celery results are switched off).
-PLAN_DIR = "memory_plans"
+logger = logging.getLogger(__name__)
+
 #: Calibration cache shared by every plan made on this data dir.
 CALIBRATION_FILE = "memory_calibration.json"
 
@@ -82,3 +89,285 @@ def plan_memory(
     partial.write_text(json.dumps(report), encoding="utf-8")
     os.replace(partial, path)
     return report
+
+
+# --------------------------------------------------------------------------- training runs
+
+#: Lease heartbeats are sent at least this often (and at most every third of the lease).
+HEARTBEAT_MAX_INTERVAL_SECONDS = 10.0
+#: Shown for errors that are not the user's (the traceback goes to the worker's log).
+GENERIC_ERROR = (
+    "Training stopped on an unexpected error ({kind}); the details are in the worker's log. "
+    "Retry the task to resume from its last checkpoint."
+)
+
+
+def dataset_index_from_report(dataset_dir: Path, report: dict[str, Any]):  # noqa: ANN201 (DatasetIndex)
+    """The engine's dataset index built from a ready dataset's ``report.json`` (no rescan): the
+    validated files with their class index (``class_to_index``) and split. The report's ``root``
+    is relative to the extracted ``images/`` folder."""
+    from worker.datasets.validate import IMAGES_DIR
+    from worker.patchgd.data import DatasetIndex, Sample
+    from worker.patchgd.errors import DatasetError
+
+    root = (dataset_dir / IMAGES_DIR / report.get("root", "")).resolve()
+    if not root.is_relative_to(dataset_dir.resolve()):
+        raise DatasetError("the dataset report points outside its folder")
+    class_to_index = {str(k): int(v) for k, v in (report.get("class_to_index") or {}).items()}
+    classes = tuple(sorted(class_to_index, key=class_to_index.__getitem__))
+    splits = report.get("splits") or {}
+    samples = []
+    for rel, label in sorted((report.get("labels") or {}).items()):
+        path = (root / rel).resolve()
+        if not path.is_relative_to(root):
+            raise DatasetError(f"the dataset report names a file outside its folder: {rel}")
+        split = str(splits.get(rel, "train"))
+        samples.append(Sample(path=path, label=class_to_index[str(label)], split=split))
+    if not samples:
+        raise DatasetError("the dataset has no images")
+    source = str(report.get("source", ""))
+    return DatasetIndex(root=root, classes=classes, samples=tuple(samples), source=source)
+
+
+class _Lease:
+    """The worker's side of a claimed task: heartbeats (a background thread, and every progress
+    write), the cancel flag and whether the lease is still ours."""
+
+    def __init__(self, settings, task_id: int, worker_id: str) -> None:  # noqa: ANN001 (Settings)
+        import threading
+
+        self.settings = settings
+        self.task_id = task_id
+        self.worker_id = worker_id
+        self.lost = False
+        self.cancel = False
+        self.last_write = 0.0
+        self.first_step: int | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        interval = min(HEARTBEAT_MAX_INTERVAL_SECONDS, settings.task_lease_seconds / 3)
+        self._thread = threading.Thread(
+            target=self._beat, args=(interval,), name=f"tessera-lease-{task_id}", daemon=True
+        )
+
+    def __enter__(self) -> _Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def beat(self, **progress: Any) -> None:
+        from backend.training import service
+
+        with self._lock:
+            try:
+                mine, cancel = service.heartbeat(self.settings, self.task_id, self.worker_id, **progress)
+            except Exception:  # a database hiccup: the next beat tries again (the lease has slack)
+                logger.warning("heartbeat of task %s failed", self.task_id, exc_info=True)
+                return
+            self.lost = self.lost or not mine
+            self.cancel = cancel
+            self.last_write = time.monotonic()
+
+    def _beat(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.beat()
+
+    def on_progress(self, progress: Any) -> None:
+        from backend.training import service
+
+        if self.first_step is None and progress.phase == "train":
+            self.first_step = progress.step
+            service.note_attempt(self.settings, self.task_id, self.worker_id, first_step=progress.step)
+        if time.monotonic() - self.last_write < self.settings.task_progress_interval_seconds:
+            return
+        self.beat(
+            epoch=progress.epoch,
+            step=progress.step,
+            total_steps=progress.total_steps,
+            fraction=float(progress.fraction),
+            eta_seconds=float(progress.eta_seconds),
+            images_per_s=float(progress.images_per_s),
+            patches_per_s=float(progress.patches_per_s),
+            phase=progress.phase[:32],
+        )
+
+    def should_stop(self) -> bool:
+        return self.cancel or self.lost
+
+
+def _worker_id() -> str:
+    import socket
+    import uuid
+
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def run_task(settings, task_id: int) -> str:  # noqa: ANN001, C901 (Settings; one linear story)
+    """Claim task ``task_id`` and train it to an outcome; returns what happened."""
+    from backend.db import session_scope
+    from backend.models import TaskStatus
+    from backend.training import service
+
+    worker_id = _worker_id()
+    with session_scope(settings) as session:
+        outcome = service.claim(session, settings, task_id, worker_id)
+        if outcome != "claimed":
+            logger.info("task %s not claimed: %s", task_id, outcome)
+            return outcome
+        spec = service.run_spec(session, settings, task_id)
+    logger.info("task %s claimed by %s (attempt %s)", task_id, worker_id, spec["attempt"])
+    with _Lease(settings, task_id, worker_id) as lease:
+        try:
+            status, final, artifacts = _train(settings, task_id, worker_id, spec, lease)
+        except Exception as exc:
+            from worker.patchgd.errors import EngineError
+
+            if lease.lost:
+                logger.warning("task %s lost its lease and stopped: %s", task_id, exc)
+                return "lost"
+            if isinstance(exc, EngineError):
+                logger.info("task %s failed: %s", task_id, exc)
+                message = str(exc)
+            else:
+                logger.exception("task %s failed unexpectedly", task_id)
+                message = GENERIC_ERROR.format(kind=type(exc).__name__)
+            service.finish(settings, task_id, worker_id, TaskStatus.FAILED, error=message)
+            return "failed"
+    if lease.lost:
+        logger.warning("task %s lost its lease (another worker took it over); nothing written", task_id)
+        return "lost"
+    service.finish(settings, task_id, worker_id, status, final_metrics=final, artifacts=artifacts)
+    logger.info("task %s %s", task_id, status.value)
+    return status.value
+
+
+def _train(settings, task_id: int, worker_id: str, spec: dict[str, Any], lease: _Lease):  # noqa: ANN001, ANN202
+    import torch
+
+    from backend.models import TaskStatus
+    from backend.training import service
+    from worker.patchgd import config_from_dict, evaluate, export_all, make_loaders, train
+    from worker.patchgd.errors import DatasetError, EngineError
+
+    cfg = config_from_dict(spec["algorithm"], spec["config"])
+    report_path = Path(spec["report_path"])
+    if not report_path.is_file():
+        raise DatasetError("the dataset's validation report is missing; upload the dataset again")
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    index = dataset_index_from_report(Path(spec["dataset_dir"]), report)
+    task_folder = Path(spec["task_dir"])
+    loaders = make_loaders(
+        index,
+        image_size=cfg.image_size,
+        batch_size=cfg.batch_size,
+        cache_dir=task_folder / "cache",
+        seed=cfg.seed,
+        num_workers=0,  # prefork pool processes are daemons: they cannot start loader processes
+    )
+    if "train" not in loaders:
+        raise DatasetError("the dataset's training split is empty")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def on_epoch_end(metrics: Any) -> None:
+        data = metrics.to_dict()
+        data.pop("val_report", None)
+        service.record_epoch(settings, task_id, worker_id, data)
+        lease.beat(epoch=metrics.epoch + 1)
+
+    result = train(
+        cfg,
+        loaders["train"],
+        loaders.get("val"),
+        device=device,
+        on_progress=lease.on_progress,
+        on_epoch_end=on_epoch_end,
+        should_stop=lease.should_stop,
+        checkpoint_dir=spec["checkpoint_dir"],
+        resume_from="auto",
+    )
+    artifacts = service.current_artifacts(settings, task_id)
+    if lease.lost:
+        return TaskStatus.FAILED, None, artifacts
+    if result.status == "cancelled":
+        return TaskStatus.CANCELLED, None, artifacts
+    if result.status != "succeeded":
+        raise EngineError(f"training ended early ({result.status})")
+    held_out = "test" if "test" in loaders else "val" if "val" in loaders else None
+    final: dict[str, Any] = {}
+    if held_out is not None:
+        lease.beat(phase="final evaluation")
+        final = evaluate(result.model, loaders[held_out], cfg, device) or {}
+        final["split"] = held_out
+    final["classes"] = list(index.classes)
+    try:
+        exported = export_all(result.model, cfg, task_folder / "exports", formats=("safetensors",))
+        artifacts["exports"] = {
+            fmt: str(Path(path).relative_to(settings.data_dir)) for fmt, path in exported["paths"].items()
+        }
+    except EngineError as exc:  # the model trained; an export problem is reported, not fatal
+        logger.warning("task %s: export failed: %s", task_id, exc)
+        artifacts["export_error"] = str(exc)
+    return TaskStatus.SUCCEEDED, final, artifacts
+
+
+@celery_app.task(name=TRAINING_TRAIN)
+def train_task(task_id: int) -> str:
+    """Train task ``task_id`` (the row says what); a duplicate message finds it claimed and does nothing."""
+    return run_task(get_settings(), int(task_id))
+
+
+@celery_app.task(name=TRAINING_REAP)
+def reap_tasks() -> dict[str, list[int]]:
+    """Requeue running tasks whose worker stopped sending heartbeats (Celery beat)."""
+    from backend.db import session_scope
+    from backend.training import service
+
+    settings = get_settings()
+    with session_scope(settings) as session:
+        outcome = service.reap(session, settings)
+    if outcome["requeued"] or outcome["failed"]:
+        logger.warning("reaper: %s", outcome)
+    return outcome
+
+
+@celery_app.task(name=TRAINING_REDISPATCH)
+def redispatch_tasks() -> list[int]:
+    """Send again the tasks left queued too long (Celery beat)."""
+    from backend.db import session_scope
+    from backend.training import service
+
+    settings = get_settings()
+    with session_scope(settings) as session:
+        sent = service.redispatch(session, settings)
+    if sent:
+        logger.info("re-dispatched tasks %s", sent)
+    return sent
+
+
+def export_model(settings, task_id: int, fmt: str) -> str:  # noqa: ANN001 (Settings)
+    """Export the finished task's model in ``fmt`` next to its safetensors export; record the result."""
+    from backend.training import service
+    from worker.patchgd import export_all, load_model
+    from worker.patchgd.errors import EngineError
+
+    folder = service.task_dir(settings, task_id)
+    exports = folder / service.EXPORTS_DIR
+    source = exports if (exports / "config.json").is_file() else folder / service.CHECKPOINTS_DIR
+    try:
+        model, cfg = load_model(source)
+        written = export_all(model, cfg, exports, formats=(fmt,))
+    except EngineError as exc:
+        logger.info("task %s: %s export failed: %s", task_id, fmt, exc)
+        service.record_export(settings, task_id, fmt, path=None, error=str(exc))
+        return "failed"
+    service.record_export(settings, task_id, fmt, path=Path(written["paths"][fmt]))
+    return "exported"
+
+
+@celery_app.task(name=TRAINING_EXPORT)
+def export_task_model(task_id: int, fmt: str) -> str:
+    """Export task ``task_id``'s model as ``fmt`` (``torchscript`` or ``onnx``) for download."""
+    return export_model(get_settings(), int(task_id), str(fmt))

@@ -1,0 +1,1 @@
+"""Training tasks: routes, pages, the service and its schemas."""

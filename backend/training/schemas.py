@@ -1,0 +1,178 @@
+"""Training tasks as the API takes and shows them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from backend.deps import MAX_ROW_ID
+from backend.models import TASK_NAME_MAX_LENGTH, Task, TaskStatus
+
+Algorithm = Literal["patchgd", "baseline"]
+
+
+class TaskCreate(BaseModel):
+    """A new task. ``hyperparameters`` are the engine's (see the README's engine section); what is
+    not given takes the engine default. ``num_classes``, ``backbone`` and ``pretrained_weights``
+    come from the dataset and the backbone and may not be given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=TASK_NAME_MAX_LENGTH)
+    dataset_id: int = Field(ge=1, le=MAX_ROW_ID)
+    backbone_id: int = Field(ge=1, le=MAX_ROW_ID)
+    algorithm: Algorithm = "patchgd"
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    memory_budget_gib: float | None = Field(default=None, gt=0, le=4096)
+
+
+class TaskClone(BaseModel):
+    """Options of a clone: the algorithm of the copy (default: the same)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: Algorithm | None = None
+
+
+class TaskProgress(BaseModel):
+    """The latest progress snapshot of a run."""
+
+    epoch: int
+    epochs: int
+    step: int
+    total_steps: int
+    fraction: float
+    eta_seconds: float | None
+    images_per_s: float
+    patches_per_s: float
+    phase: str
+
+
+class TaskRead(BaseModel):
+    """A task: what it trains, where it is, what came out.
+
+    ``queue_position`` (1 = next) is set while it is queued. ``best`` is the epoch with the highest
+    validation accuracy; ``final_metrics`` the final model's evaluation on the dataset's held-out
+    split (``split``, ``accuracy``, ``qwk``, ``per_class_recall``, ``confusion_matrix``,
+    ``classes``). ``error`` says why a task failed, in words meant for you.
+    """
+
+    id: int
+    name: str
+    dataset_id: int
+    backbone_id: int
+    algorithm: str
+    hyperparameters: dict[str, Any]
+    memory_budget_gib: float | None
+    status: TaskStatus
+    queue_position: int | None
+    attempts: int
+    max_attempts: int
+    cancel_requested: bool
+    progress: TaskProgress
+    error: str
+    plan: dict[str, Any]
+    peak_memory_bytes: int
+    best: dict[str, Any] | None
+    final_metrics: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+
+    @classmethod
+    def of(
+        cls, task: Task, *, queue_position: int | None = None, best: dict[str, Any] | None = None
+    ) -> TaskRead:
+        """The API view of a row."""
+        return cls(
+            id=task.id,
+            name=task.name,
+            dataset_id=task.dataset_id,
+            backbone_id=task.backbone_id,
+            algorithm=task.algorithm,
+            hyperparameters=task.hyperparameters or {},
+            memory_budget_gib=task.memory_budget_gib,
+            status=task.status,
+            queue_position=queue_position if task.status == TaskStatus.QUEUED else None,
+            attempts=task.attempts,
+            max_attempts=task.max_attempts,
+            cancel_requested=task.cancel_requested,
+            progress=TaskProgress(
+                epoch=task.epoch,
+                epochs=int((task.hyperparameters or {}).get("epochs", 0)),
+                step=task.step,
+                total_steps=task.total_steps,
+                fraction=task.fraction,
+                eta_seconds=task.eta_seconds,
+                images_per_s=task.images_per_s,
+                patches_per_s=task.patches_per_s,
+                phase=task.phase,
+            ),
+            error=task.error,
+            plan=task.plan or {},
+            peak_memory_bytes=task.peak_memory_bytes,
+            best=best,
+            final_metrics=task.final_metrics or {},
+            created_at=task.created_at,
+            started_at=task.started_at,
+            finished_at=task.finished_at,
+            heartbeat_at=task.heartbeat_at,
+        )
+
+
+class TaskMetricRead(BaseModel):
+    """The metrics of one finished epoch."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    epoch: int
+    train_loss: float
+    val_loss: float | None
+    val_accuracy: float | None
+    val_qwk: float | None
+    lr: float
+    lrs: dict[str, float]
+    peak_memory_bytes: int
+    images_per_s: float
+    patches_per_s: float
+    seconds: float
+
+
+class TaskDeleted(BaseModel):
+    """The answer to a delete."""
+
+    id: int
+    status: Literal["deleted"] = "deleted"
+
+
+class ModelExporting(BaseModel):
+    """A model format a worker is exporting: ask again in a few seconds."""
+
+    id: int
+    format: str
+    status: Literal["exporting"] = "exporting"
+
+
+class PlanRequest(BaseModel):
+    """What to plan: the task's dataset, backbone, algorithm and hyperparameters, and the budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: int = Field(ge=1, le=MAX_ROW_ID)
+    backbone_id: int = Field(ge=1, le=MAX_ROW_ID)
+    algorithm: Algorithm = "patchgd"
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    memory_budget_gib: float = Field(gt=0, le=4096)
+
+
+class PlanStatus(BaseModel):
+    """A plan: ``planning`` until a worker measured it, then ``done`` with its ``report``
+    (``fits``, ``batch_size``, ``patches_per_step``, ``image_size``, predicted and measured bytes,
+    ``reason``)."""
+
+    token: str
+    status: Literal["planning", "done"]
+    report: dict[str, Any] | None = None

@@ -1,0 +1,732 @@
+"""Training tasks: creating them (hyperparameters checked by the engine's own torch-free rules),
+listing, cancelling, retrying, cloning and deleting them, and the worker's side of a run: the
+claim, the lease, progress, per-epoch metrics and the outcome; plus the reaper and re-dispatcher.
+
+Everything a task owns on disk lives under ``<data_dir>/tasks/<id>/`` (``checkpoints/``,
+``exports/``); deleting the task removes that folder after the commit.
+
+State changes that race with a worker are conditional UPDATEs (``WHERE status = ...``): the claim
+(queued → running), a cancel of a queued task, the reaper's requeue and every write of the lease
+holder (``WHERE worker_id = <mine> AND status = running``), so a worker that lost its lease can
+never overwrite the row of the worker that took over. Services only ``flush()``; the worker's
+progress and heartbeat writes use short transactions of their own, like the datasets worker's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import fields
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from backend.config import Settings
+from backend.datasets.service import REPORT_FILE, dataset_dir
+from backend.db import run_after_commit, session_scope
+from backend.errors import AppError, Conflict, Invalid, NotFound
+from backend.models import (
+    TASK_NAME_MAX_LENGTH,
+    TERMINAL_STATUSES,
+    Backbone,
+    BackboneStatus,
+    Dataset,
+    DatasetStatus,
+    Task,
+    TaskMetric,
+    TaskStatus,
+    User,
+)
+from backend.models.base import utcnow
+from backend.queue import MEMORY_PLAN, TRAINING_EXPORT, TRAINING_TRAIN, enqueue_after_commit
+from worker.patchgd.config import ALGORITHMS, config_from_dict
+from worker.patchgd.errors import ConfigError
+
+TASKS_DIR = "tasks"
+#: The terminal statuses by name (what pages and tests compare with).
+TERMINAL_NAMES = frozenset(status.value for status in TERMINAL_STATUSES)
+CHECKPOINTS_DIR = "checkpoints"
+EXPORTS_DIR = "exports"
+#: Subfolder of the data dir where the ``memory.plan`` job writes its reports (one per token).
+PLAN_DIR = "memory_plans"
+#: Model formats a finished task can be downloaded in (safetensors is written when the run ends;
+#: the others are made by a worker on the first request and kept).
+EXPORT_FORMATS = ("safetensors", "torchscript", "onnx")
+#: Media type of each download.
+EXPORT_MEDIA_TYPES = {
+    "safetensors": "application/octet-stream",
+    "torchscript": "application/octet-stream",
+    "onnx": "application/octet-stream",
+}
+#: An export requested this long ago without a result is requested again (its worker may have died).
+EXPORT_RETRY_AFTER = timedelta(minutes=10)
+#: Hyperparameters the platform fills in itself: the dataset decides the classes, the backbone row
+#: the architecture and the weights file (a user never names a server path).
+PLATFORM_FIELDS = ("num_classes", "backbone", "pretrained_weights")
+
+
+class HyperparametersInvalid(AppError):
+    """A hyperparameter is not acceptable; ``detail`` lists ``{field, message}`` per problem."""
+
+    status_code = 422
+    code = "validation_error"
+    default_detail = "The hyperparameters are not valid."
+
+
+def task_dir(settings: Settings, task_id: int) -> Path:
+    """The folder of everything task ``task_id`` owns."""
+    return settings.data_dir / TASKS_DIR / str(int(task_id))
+
+
+def checkpoint_dir(settings: Settings, task_id: int) -> Path:
+    """Where the engine writes the task's checkpoints (``last.pt``, ``previous.pt``)."""
+    return task_dir(settings, task_id) / CHECKPOINTS_DIR
+
+
+def clean_name(name: str) -> str:
+    """The name with runs of whitespace collapsed, or :class:`Invalid` saying what to fix."""
+    name = " ".join((name or "").split())
+    if not name:
+        raise Invalid("Give the task a name.")
+    if len(name) > TASK_NAME_MAX_LENGTH:
+        raise Invalid(f"The name is longer than {TASK_NAME_MAX_LENGTH} characters.")
+    return name
+
+
+def algorithm_fields(algorithm: str) -> list[str]:
+    """The hyperparameter names of ``algorithm`` a user may set (platform-filled ones left out)."""
+    return [f.name for f in fields(ALGORITHMS[algorithm]) if f.name not in PLATFORM_FIELDS]
+
+
+def _field_of(message: str, names: Sequence[str]) -> str:
+    """The hyperparameter an engine message is about (they start with, or name, the field)."""
+    first = message.split(" ", 1)[0]
+    if first in names:
+        return first
+    for name in sorted(names, key=len, reverse=True):
+        if re.search(rf"\b{re.escape(name)}\b", message):
+            return name
+    return ""
+
+
+def validate_hyperparameters(
+    settings: Settings, algorithm: str, given: dict[str, Any], num_classes: int, architecture: str
+) -> dict[str, Any]:
+    """The full engine config of a task as a dict (engine defaults for what is not given).
+
+    Raises :class:`HyperparametersInvalid` with one ``{field, message}`` per problem found:
+    unknown or platform-filled names first, then the engine's own check of the values.
+    """
+    if algorithm not in ALGORITHMS:
+        raise HyperparametersInvalid(
+            [{"field": "algorithm", "message": f"choose one of {', '.join(ALGORITHMS)}, not {algorithm!r}"}]
+        )
+    if not isinstance(given, dict):
+        raise HyperparametersInvalid([{"field": "", "message": "hyperparameters must be a JSON object"}])
+    allowed = algorithm_fields(algorithm)
+    problems = []
+    for name in sorted(given):
+        if name in PLATFORM_FIELDS:
+            problems.append(
+                {"field": name, "message": f"{name} is set by the platform (from the dataset or backbone)"}
+            )
+        elif name not in allowed:
+            problems.append({"field": name, "message": f"unknown hyperparameter for {algorithm}"})
+    if problems:
+        raise HyperparametersInvalid(problems)
+    data = dict(given)
+    data.setdefault("checkpoint_every_minutes", settings.task_checkpoint_every_minutes)
+    data.update(num_classes=num_classes, backbone=architecture)
+    try:
+        cfg = config_from_dict(algorithm, data)
+    except ConfigError as exc:
+        message = str(exc)
+        raise HyperparametersInvalid([{"field": _field_of(message, allowed), "message": message}]) from exc
+    result = cfg.to_dict()
+    result.pop("pretrained_weights", None)
+    return result
+
+
+def _ready_dataset(session: Session, user: User, dataset_id: int) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.owner_id != user.id or dataset.delete_requested:
+        raise NotFound("No such dataset.")
+    if dataset.status != DatasetStatus.READY:
+        raise Conflict(
+            f"Dataset {dataset.name!r} is {dataset.status.value}: only a ready dataset can be trained on."
+        )
+    return dataset
+
+
+def _ready_backbone(session: Session, user: User, backbone_id: int) -> Backbone:
+    backbone = session.get(Backbone, backbone_id)
+    if backbone is None or (backbone.owner_id is not None and backbone.owner_id != user.id):
+        raise NotFound("There is no backbone with this id.")
+    if backbone.status != BackboneStatus.READY:
+        raise Conflict(
+            f"Backbone {backbone.name!r} is {backbone.status.value}: only a ready one can be used."
+        )
+    return backbone
+
+
+def create_task(
+    session: Session,
+    settings: Settings,
+    user: User,
+    *,
+    name: str,
+    dataset_id: int,
+    backbone_id: int,
+    algorithm: str,
+    hyperparameters: dict[str, Any],
+    memory_budget_gib: float | None = None,
+) -> Task:
+    """Record a queued task and send ``training.train`` after the commit."""
+    name = clean_name(name)
+    dataset = _ready_dataset(session, user, dataset_id)
+    backbone = _ready_backbone(session, user, backbone_id)
+    num_classes = int(dataset.num_classes or len((dataset.summary or {}).get("classes", [])))
+    config = validate_hyperparameters(
+        settings, algorithm, hyperparameters, num_classes, backbone.architecture
+    )
+    task = Task(
+        owner_id=user.id,
+        name=name,
+        dataset_id=dataset.id,
+        backbone_id=backbone.id,
+        algorithm=algorithm,
+        hyperparameters=config,
+        memory_budget_gib=memory_budget_gib,
+        status=TaskStatus.QUEUED,
+        attempts=0,
+        max_attempts=settings.task_max_attempts,
+        plan={},
+        final_metrics={},
+        artifacts={},
+        dispatched_at=utcnow(),
+    )
+    session.add(task)
+    session.flush()
+    task.artifacts = {"checkpoint_dir": str(checkpoint_dir(settings, task.id).relative_to(settings.data_dir))}
+    session.flush()
+    enqueue_after_commit(session, settings, TRAINING_TRAIN, task.id)
+    return task
+
+
+def list_tasks(session: Session, user: User) -> Sequence[Task]:
+    """The user's tasks, newest first."""
+    return session.scalars(
+        select(Task).where(Task.owner_id == user.id).order_by(Task.created_at.desc(), Task.id.desc())
+    ).all()
+
+
+def get_task(session: Session, user: User, task_id: int) -> Task:
+    """The user's task ``task_id``; 404 for anyone else's (never say which)."""
+    task = session.get(Task, task_id)
+    if task is None or task.owner_id != user.id:
+        raise NotFound("No such task.")
+    return task
+
+
+def queue_positions(session: Session) -> dict[int, int]:
+    """Position (1 = next) of every queued task in the shared queue, oldest first."""
+    ids = session.scalars(select(Task.id).where(Task.status == TaskStatus.QUEUED).order_by(Task.id)).all()
+    return {task_id: position for position, task_id in enumerate(ids, start=1)}
+
+
+def list_metrics(session: Session, task: Task) -> Sequence[TaskMetric]:
+    """The task's per-epoch metrics, in epoch order."""
+    return session.scalars(
+        select(TaskMetric).where(TaskMetric.task_id == task.id).order_by(TaskMetric.epoch)
+    ).all()
+
+
+def best_metrics(session: Session, task: Task) -> dict[str, Any] | None:
+    """The epoch with the highest validation accuracy (ties: the earliest), if any was evaluated."""
+    rows = [m for m in list_metrics(session, task) if m.val_accuracy is not None]
+    if not rows:
+        return None
+    best = max(rows, key=lambda m: (m.val_accuracy, -m.epoch))
+    return {
+        "epoch": best.epoch,
+        "val_accuracy": best.val_accuracy,
+        "val_qwk": best.val_qwk,
+        "val_loss": best.val_loss,
+    }
+
+
+def cancel_task(session: Session, user: User, task_id: int) -> Task:
+    """Cancel a queued task now, or ask the worker running it to stop (it ends ``cancelled``)."""
+    task = get_task(session, user, task_id)
+    now = utcnow()
+    done = session.execute(
+        update(Task)
+        .where(Task.id == task.id, Task.status == TaskStatus.QUEUED)
+        .values(status=TaskStatus.CANCELLED, finished_at=now, phase="cancelled", updated_at=now)
+    ).rowcount  # type: ignore[attr-defined]
+    if not done:
+        done = session.execute(
+            update(Task)
+            .where(Task.id == task.id, Task.status == TaskStatus.RUNNING)
+            .values(cancel_requested=True, updated_at=now)
+        ).rowcount  # type: ignore[attr-defined]
+    session.refresh(task)
+    if not done:
+        raise Conflict(f"Task {task.name!r} has already ended ({task.status.value}).")
+    return task
+
+
+def retry_task(session: Session, settings: Settings, user: User, task_id: int) -> Task:
+    """Queue a failed or cancelled task again; the worker resumes from its last checkpoint."""
+    task = get_task(session, user, task_id)
+    now = utcnow()
+    done = session.execute(
+        update(Task)
+        .where(Task.id == task.id, Task.status.in_([TaskStatus.FAILED, TaskStatus.CANCELLED]))
+        .values(
+            status=TaskStatus.QUEUED,
+            attempts=0,
+            max_attempts=settings.task_max_attempts,
+            cancel_requested=False,
+            error="",
+            phase="queued",
+            worker_id="",
+            lease_expires_at=None,
+            finished_at=None,
+            dispatched_at=now,
+            updated_at=now,
+        )
+    ).rowcount  # type: ignore[attr-defined]
+    session.refresh(task)
+    if not done:
+        hint = " Clone it to train it again." if task.status == TaskStatus.SUCCEEDED else ""
+        raise Conflict(
+            f"Only a failed or cancelled task can be retried; {task.name!r} is {task.status.value}.{hint}"
+        )
+    enqueue_after_commit(session, settings, TRAINING_TRAIN, task.id)
+    return task
+
+
+def clone_task(
+    session: Session, settings: Settings, user: User, task_id: int, algorithm: str | None = None
+) -> Task:
+    """A new queued task with the same dataset, backbone and settings (optionally as the other
+    algorithm: the hyperparameters both share are kept, the others take the engine defaults)."""
+    source = get_task(session, user, task_id)
+    target = algorithm or source.algorithm
+    if target not in ALGORITHMS:
+        raise HyperparametersInvalid(
+            [{"field": "algorithm", "message": f"choose one of {', '.join(ALGORITHMS)}, not {target!r}"}]
+        )
+    allowed = set(algorithm_fields(target))
+    given = {k: v for k, v in (source.hyperparameters or {}).items() if k in allowed}
+    suffix = " (copy)" if target == source.algorithm else f" ({target})"
+    name = source.name[: TASK_NAME_MAX_LENGTH - len(suffix)] + suffix
+    return create_task(
+        session,
+        settings,
+        user,
+        name=name,
+        dataset_id=source.dataset_id,
+        backbone_id=source.backbone_id,
+        algorithm=target,
+        hyperparameters=given,
+        memory_budget_gib=source.memory_budget_gib,
+    )
+
+
+def delete_task(session: Session, settings: Settings, user: User, task_id: int) -> None:
+    """Delete a task that is not running, its metrics and (after the commit) its files."""
+    task = get_task(session, user, task_id)
+    session.execute(delete(TaskMetric).where(TaskMetric.task_id == task.id))
+    gone = session.execute(delete(Task).where(Task.id == task.id, Task.status != TaskStatus.RUNNING)).rowcount  # type: ignore[attr-defined]
+    if not gone:
+        raise Conflict(f"Task {task.name!r} is running: cancel it first, then delete it.")
+    session.expunge(task)
+    folder = task_dir(settings, task_id)
+    run_after_commit(session, lambda: shutil.rmtree(folder, ignore_errors=True))
+
+
+def tasks_using_dataset(session: Session, dataset_id: int) -> int:
+    """How many tasks train on dataset ``dataset_id``."""
+    return int(session.scalar(select(func.count(Task.id)).where(Task.dataset_id == dataset_id)) or 0)
+
+
+# The worker's side: claim, lease, progress, metrics, outcome.
+
+
+def _lease_until(settings: Settings, now: datetime) -> datetime:
+    return now + timedelta(seconds=settings.task_lease_seconds)
+
+
+def _running_of(session: Session, owner_id: int) -> int:
+    return int(
+        session.scalar(
+            select(func.count(Task.id)).where(Task.owner_id == owner_id, Task.status == TaskStatus.RUNNING)
+        )
+        or 0
+    )
+
+
+def claim(session: Session, settings: Settings, task_id: int, worker_id: str) -> str:
+    """Take a queued task for ``worker_id``: ``"claimed"``, ``"waiting"`` (its owner already runs
+    ``max_running_tasks_per_user`` tasks; it stays queued) or ``"skipped"`` (gone, not queued).
+
+    One conditional UPDATE (``WHERE status = 'queued'`` and fewer running tasks of the owner than
+    the limit, counted in the same statement), so a duplicate message never runs a task twice.
+    On Postgres the owner's row is locked first, so that two workers claiming two tasks of one
+    owner at once count each other (the UPDATE's snapshot is taken after the lock); SQLite runs
+    one writing statement at a time anyway.
+    """
+    owner_id = session.scalar(select(Task.owner_id).where(Task.id == task_id))
+    if owner_id is None:
+        return "skipped"
+    session.execute(select(User.id).where(User.id == owner_id).with_for_update())
+    running = (
+        select(func.count(Task.id))
+        .where(Task.owner_id == owner_id, Task.status == TaskStatus.RUNNING)
+        .scalar_subquery()
+    )
+    now = utcnow()
+    claimed = session.execute(
+        update(Task)
+        .where(
+            Task.id == task_id,
+            Task.status == TaskStatus.QUEUED,
+            Task.cancel_requested.is_(False),
+            running < settings.max_running_tasks_per_user,
+        )
+        .values(
+            status=TaskStatus.RUNNING,
+            attempts=Task.attempts + 1,
+            worker_id=worker_id[:200],
+            heartbeat_at=now,
+            lease_expires_at=_lease_until(settings, now),
+            started_at=func.coalesce(Task.started_at, now),
+            phase="starting",
+            error="",
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    if claimed == 1:
+        return "claimed"
+    state = session.scalar(select(Task.status).where(Task.id == task_id))
+    return "waiting" if state == TaskStatus.QUEUED else "skipped"
+
+
+def _mine(task_id: int, worker_id: str) -> Any:
+    return (Task.id == task_id, Task.worker_id == worker_id, Task.status == TaskStatus.RUNNING)
+
+
+def heartbeat(settings: Settings, task_id: int, worker_id: str, **progress: Any) -> tuple[bool, bool]:
+    """Extend the lease (and write ``progress`` fields) in a short transaction of its own.
+
+    Returns ``(still_mine, cancel_requested)``: a worker whose lease was taken over must stop.
+    """
+    now = utcnow()
+    with session_scope(settings) as session:
+        mine = session.execute(
+            update(Task)
+            .where(*_mine(task_id, worker_id))
+            .values(
+                heartbeat_at=now, lease_expires_at=_lease_until(settings, now), updated_at=now, **progress
+            )
+        ).rowcount  # type: ignore[attr-defined]
+        cancel = bool(session.scalar(select(Task.cancel_requested).where(Task.id == task_id)))
+    return mine == 1, cancel
+
+
+def record_epoch(settings: Settings, task_id: int, worker_id: str, metrics: dict[str, Any]) -> bool:
+    """Upsert the metrics of one epoch (a resumed run that repeats an epoch replaces its row)."""
+    columns = {
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "val_qwk",
+        "lr",
+        "lrs",
+        "peak_memory_bytes",
+        "images_per_s",
+        "patches_per_s",
+        "seconds",
+    }
+    values = {k: v for k, v in metrics.items() if k in columns}
+    epoch = int(metrics["epoch"])
+    with session_scope(settings) as session:
+        owner = session.scalar(select(Task.id).where(*_mine(task_id, worker_id)).with_for_update())
+        if owner is None:
+            return False
+        row = session.scalar(
+            select(TaskMetric).where(TaskMetric.task_id == task_id, TaskMetric.epoch == epoch)
+        )
+        if row is None:
+            session.add(TaskMetric(task_id=task_id, epoch=epoch, **values))
+        else:
+            for key, value in values.items():
+                setattr(row, key, value)
+        peak = int(values.get("peak_memory_bytes") or 0)
+        task = session.get(Task, task_id)
+        if task is not None and peak > (task.peak_memory_bytes or 0):
+            task.peak_memory_bytes = peak
+    return True
+
+
+def finish(
+    settings: Settings,
+    task_id: int,
+    worker_id: str,
+    status: TaskStatus,
+    *,
+    error: str = "",
+    final_metrics: dict[str, Any] | None = None,
+    artifacts: dict[str, Any] | None = None,
+) -> bool:
+    """Write the outcome, if this worker still holds the task; then send the owner's next queued
+    task (one slot was freed). Returns False when the lease had been lost (nothing written)."""
+    now = utcnow()
+    values: dict[str, Any] = {
+        "status": status,
+        "error": error[:4000],
+        "finished_at": now,
+        "lease_expires_at": None,
+        "phase": status.value,
+        "eta_seconds": None,
+        "updated_at": now,
+    }
+    if status == TaskStatus.SUCCEEDED:
+        values.update(fraction=1.0, step=Task.total_steps, epoch=Task.epoch)
+    if final_metrics is not None:
+        values["final_metrics"] = final_metrics
+    if artifacts is not None:
+        values["artifacts"] = artifacts
+    with session_scope(settings) as session:
+        done = session.execute(update(Task).where(*_mine(task_id, worker_id)).values(**values)).rowcount  # type: ignore[attr-defined]
+        if done:
+            owner_id = session.scalar(select(Task.owner_id).where(Task.id == task_id))
+            _dispatch_waiting(session, settings, owner_id=owner_id)
+    return done == 1
+
+
+def release(settings: Settings, task_id: int, worker_id: str) -> None:
+    """Give a claimed task back to the queue (the worker is shutting down); the next claim resumes it."""
+    now = utcnow()
+    with session_scope(settings) as session:
+        session.execute(
+            update(Task)
+            .where(*_mine(task_id, worker_id))
+            .values(
+                status=TaskStatus.QUEUED,
+                worker_id="",
+                lease_expires_at=None,
+                phase="queued",
+                dispatched_at=now,
+            )
+        )
+
+
+def _dispatch_waiting(
+    session: Session, settings: Settings, *, owner_id: int | None = None, older_than: datetime | None = None
+) -> list[int]:
+    """Send queued tasks that may start now: per owner, the oldest queued tasks that fit in the free
+    running slots (those sent more recently than ``older_than`` count as on their way)."""
+    query = select(Task).where(Task.status == TaskStatus.QUEUED, Task.cancel_requested.is_(False))
+    if owner_id is not None:
+        query = query.where(Task.owner_id == owner_id)
+    queued = session.scalars(query.order_by(Task.id)).all()
+    free: dict[int, int] = {}
+    sent = []
+    now = utcnow()
+    for task in queued:
+        if task.owner_id not in free:
+            free[task.owner_id] = settings.max_running_tasks_per_user - _running_of(session, task.owner_id)
+        if free[task.owner_id] <= 0:
+            continue
+        free[task.owner_id] -= 1
+        if older_than is not None and task.dispatched_at is not None and task.dispatched_at >= older_than:
+            continue  # sent recently: its message is on its way
+        task.dispatched_at = now
+        sent.append(task.id)
+        enqueue_after_commit(session, settings, TRAINING_TRAIN, task.id)
+    session.flush()
+    return sent
+
+
+def reap(session: Session, settings: Settings, now: datetime | None = None) -> dict[str, list[int]]:
+    """Requeue running tasks whose lease expired (their worker died or hangs); a task that used up
+    its attempts is failed with the reason instead. Never leaves a task running without a lease."""
+    now = now or utcnow()
+    expired = session.scalars(
+        select(Task).where(Task.status == TaskStatus.RUNNING, Task.lease_expires_at < now).order_by(Task.id)
+    ).all()
+    requeued, failed = [], []
+    for task in expired:
+        guard = (Task.id == task.id, Task.status == TaskStatus.RUNNING, Task.lease_expires_at < now)
+        if task.attempts >= task.max_attempts:
+            reason = (
+                f"The worker running this task stopped responding (no heartbeat for "
+                f"{settings.task_lease_seconds:g} s) on each of its {task.attempts} attempts; it was "
+                "given up. Retry it to resume from its last checkpoint."
+            )
+            values: dict[str, Any] = dict(
+                status=TaskStatus.FAILED, error=reason, finished_at=now, lease_expires_at=None, phase="failed"
+            )
+            target = failed
+        else:
+            values = dict(
+                status=TaskStatus.QUEUED,
+                worker_id="",
+                lease_expires_at=None,
+                phase="requeued",
+                dispatched_at=now,
+                error=f"Attempt {task.attempts} lost its worker; resuming from the last checkpoint.",
+            )
+            target = requeued
+        if session.execute(update(Task).where(*guard).values(**values)).rowcount:  # type: ignore[attr-defined]
+            target.append(task.id)
+            if target is requeued:
+                enqueue_after_commit(session, settings, TRAINING_TRAIN, task.id)
+    session.flush()
+    return {"requeued": requeued, "failed": failed}
+
+
+def redispatch(session: Session, settings: Settings, now: datetime | None = None) -> list[int]:
+    """Send again the tasks still queued ``task_redispatch_after_seconds`` after their last message
+    (an enqueue that failed, a broker that lost it, an owner's slot that freed up)."""
+    now = now or utcnow()
+    return _dispatch_waiting(
+        session, settings, older_than=now - timedelta(seconds=settings.task_redispatch_after_seconds)
+    )
+
+
+def run_spec(session: Session, settings: Settings, task_id: int) -> dict[str, Any]:
+    """What the worker needs to run a claimed task: config, dataset folder and report, weights."""
+    task = session.get(Task, task_id)
+    if task is None:
+        raise NotFound("No such task.")
+    dataset = session.get(Dataset, task.dataset_id)
+    backbone = session.get(Backbone, task.backbone_id)
+    config = dict(task.hyperparameters or {})
+    if backbone is not None and backbone.weights_path:
+        config["pretrained_weights"] = str(settings.data_dir / backbone.weights_path)
+    folder = dataset_dir(settings, dataset.id) if dataset is not None else None
+    return {
+        "algorithm": task.algorithm,
+        "config": config,
+        "dataset_dir": str(folder) if folder else "",
+        "report_path": str(folder / REPORT_FILE) if folder else "",
+        "task_dir": str(task_dir(settings, task.id)),
+        "checkpoint_dir": str(checkpoint_dir(settings, task.id)),
+        "attempt": task.attempts,
+    }
+
+
+def note_attempt(settings: Settings, task_id: int, worker_id: str, *, first_step: int) -> None:
+    """Record where an attempt started (its first training step: a resumed attempt continues the
+    step count of the checkpoint it resumed from), in ``artifacts["attempts"]``."""
+    with session_scope(settings) as session:
+        task = session.scalar(select(Task).where(*_mine(task_id, worker_id)).with_for_update())
+        if task is None:
+            return
+        artifacts = dict(task.artifacts or {})
+        artifacts["attempts"] = [
+            *artifacts.get("attempts", []),
+            {"attempt": task.attempts, "first_step": int(first_step), "worker": worker_id},
+        ]
+        task.artifacts = artifacts
+
+
+def current_artifacts(settings: Settings, task_id: int) -> dict[str, Any]:
+    """The task's ``artifacts`` as stored (the worker adds its exports before finishing)."""
+    with session_scope(settings) as session:
+        return dict(session.scalar(select(Task.artifacts).where(Task.id == task_id)) or {})
+
+
+# Model downloads.
+
+
+def model_file(session: Session, settings: Settings, user: User, task_id: int, fmt: str) -> Path | None:
+    """The file of the task's model in ``fmt``, or None while a worker makes it (requested here,
+    after the commit, once per :data:`EXPORT_RETRY_AFTER`). Only a succeeded task has a model."""
+    if fmt not in EXPORT_FORMATS:
+        raise Invalid(f"Unknown format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}.")
+    task = get_task(session, user, task_id)
+    if task.status != TaskStatus.SUCCEEDED:
+        raise Conflict(f"Task {task.name!r} is {task.status.value}: only a succeeded task has a model.")
+    artifacts = dict(task.artifacts or {})
+    relative = (artifacts.get("exports") or {}).get(fmt)
+    if relative:
+        path = (settings.data_dir / relative).resolve()
+        if path.is_file() and path.is_relative_to(task_dir(settings, task.id).resolve()):
+            return path
+    error = (artifacts.get("export_errors") or {}).get(fmt)
+    if error:
+        raise Conflict(f"The {fmt} export failed: {error}")
+    requested = (artifacts.get("export_requested") or {}).get(fmt)
+    now = utcnow()
+    if requested is None or datetime.fromisoformat(requested) < now - EXPORT_RETRY_AFTER:
+        artifacts["export_requested"] = {**(artifacts.get("export_requested") or {}), fmt: now.isoformat()}
+        task.artifacts = artifacts
+        session.flush()
+        enqueue_after_commit(session, settings, TRAINING_EXPORT, task.id, fmt)
+    return None
+
+
+def record_export(settings: Settings, task_id: int, fmt: str, *, path: Path | None, error: str = "") -> None:
+    """The worker's result of an export: the file (relative to the data dir) or why it failed."""
+    with session_scope(settings) as session:
+        task = session.scalar(select(Task).where(Task.id == task_id).with_for_update())
+        if task is None:
+            return
+        artifacts = dict(task.artifacts or {})
+        if path is not None:
+            artifacts["exports"] = {
+                **(artifacts.get("exports") or {}),
+                fmt: str(path.relative_to(settings.data_dir)),
+            }
+        else:
+            artifacts["export_errors"] = {**(artifacts.get("export_errors") or {}), fmt: error[:2000]}
+        task.artifacts = artifacts
+
+
+# Memory plans: settings that fit a budget, measured on a worker (``memory.plan``).
+
+
+def request_plan(
+    session: Session,
+    settings: Settings,
+    user: User,
+    *,
+    dataset_id: int,
+    backbone_id: int,
+    algorithm: str,
+    hyperparameters: dict[str, Any],
+    memory_budget_gib: float,
+) -> str:
+    """Check the settings like :func:`create_task`, then ask a worker for a plan under the budget;
+    returns the token to read it back with (:func:`read_plan`)."""
+    dataset = _ready_dataset(session, user, dataset_id)
+    backbone = _ready_backbone(session, user, backbone_id)
+    num_classes = int(dataset.num_classes or len((dataset.summary or {}).get("classes", [])))
+    config = validate_hyperparameters(
+        settings, algorithm, hyperparameters, num_classes, backbone.architecture
+    )
+    token = f"u{user.id}-{uuid.uuid4().hex}"
+    enqueue_after_commit(session, settings, MEMORY_PLAN, token, algorithm, config, float(memory_budget_gib))
+    return token
+
+
+def read_plan(settings: Settings, user: User, token: str) -> dict[str, Any] | None:
+    """The plan requested under ``token`` by ``user`` (None while the worker makes it)."""
+    if not re.fullmatch(rf"u{user.id}-[0-9a-f]{{32}}", token):
+        raise NotFound("No such plan.")
+    path = settings.data_dir / PLAN_DIR / f"{token}.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))

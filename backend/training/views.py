@@ -1,0 +1,292 @@
+"""Task pages: the list (live status and progress), the create form, a task's page (progress, the
+per-epoch table, a loss/accuracy chart drawn here as SVG, final metrics with the confusion matrix)
+and the cancel, retry, clone and delete buttons (forms carrying the CSRF token).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import RedirectResponse, Response
+
+from backend.backbones import service as backbones
+from backend.datasets import service as datasets
+from backend.deps import CurrentUser, RowId, SessionDep, SettingsDep
+from backend.errors import AppError
+from backend.models import DatasetStatus, TaskMetric
+from backend.training import service
+from backend.training.schemas import TaskRead
+from backend.ui.templating import flash, render
+from worker.patchgd.config import ALGORITHMS
+
+router = APIRouter(tags=["pages"], include_in_schema=False)
+
+#: Form fields of the create page: (name, label, algorithm or "" for both, step).
+FORM_FIELDS = [
+    ("image_size", "Image size (px)", "", "1"),
+    ("patch_size", "Patch size (px)", "patchgd", "1"),
+    ("sampling", "Patches sampled per inner step (fraction)", "patchgd", "any"),
+    ("epochs", "Epochs", "", "1"),
+    ("batch_size", "Batch size", "", "1"),
+    ("lr_backbone", "Learning rate, backbone", "patchgd", "any"),
+    ("lr_head", "Learning rate, head", "patchgd", "any"),
+    ("lr", "Learning rate", "baseline", "any"),
+    ("warmup_epochs", "Warm-up epochs", "", "1"),
+    ("checkpoint_every_minutes", "Checkpoint every (minutes)", "", "any"),
+]
+CHART_WIDTH, CHART_HEIGHT, CHART_PAD = 520, 200, 36
+
+
+def _defaults(settings: Any) -> dict[str, dict[str, Any]]:
+    """The engine's defaults of each algorithm for the form's fields."""
+    result = {}
+    for name, cls in ALGORITHMS.items():
+        values = {f: getattr(cls, f, None) for f, *_ in FORM_FIELDS}
+        values["checkpoint_every_minutes"] = settings.task_checkpoint_every_minutes
+        result[name] = {k: v for k, v in values.items() if v is not None or k == "sampling"}
+    return result
+
+
+def _number(raw: str) -> int | float | str:
+    try:
+        return int(raw)
+    except ValueError:
+        try:
+            return float(raw)
+        except ValueError:
+            return raw
+
+
+def _points(values: list[float | None], low: float, high: float, count: int) -> str:
+    span = (high - low) or 1.0
+    step = (CHART_WIDTH - 2 * CHART_PAD) / max(1, count - 1)
+    points = []
+    for i, value in enumerate(values):
+        if value is None:
+            continue
+        x = CHART_PAD + i * step
+        y = CHART_HEIGHT - CHART_PAD - (value - low) / span * (CHART_HEIGHT - 2 * CHART_PAD)
+        points.append(f"{x:.1f},{y:.1f}")
+    return " ".join(points)
+
+
+def chart(metrics: list[TaskMetric]) -> dict[str, Any] | None:
+    """Polylines of train/val loss (left scale) and validation accuracy (0-1, right scale)."""
+    if not metrics:
+        return None
+    losses = [m.train_loss for m in metrics] + [m.val_loss for m in metrics if m.val_loss is not None]
+    high = max(losses) if losses else 1.0
+    count = len(metrics)
+    return {
+        "width": CHART_WIDTH,
+        "height": CHART_HEIGHT,
+        "pad": CHART_PAD,
+        "loss_max": high,
+        "train_loss": _points([m.train_loss for m in metrics], 0.0, high, count),
+        "val_loss": _points([m.val_loss for m in metrics], 0.0, high, count),
+        "val_accuracy": _points([m.val_accuracy for m in metrics], 0.0, 1.0, count),
+        "epochs": count,
+    }
+
+
+def _context(session: Any, task: Any) -> dict[str, Any]:
+    positions = service.queue_positions(session)
+    view = TaskRead.of(task, queue_position=positions.get(task.id), best=service.best_metrics(session, task))
+    metrics = list(service.list_metrics(session, task))
+    return {
+        "task": view,
+        "metrics": metrics,
+        "chart": chart(metrics),
+        "percent": round(100 * view.progress.fraction),
+        "active_run": view.status.value in ("queued", "running"),
+    }
+
+
+@router.get("/tasks")
+def tasks_page(request: Request, user: CurrentUser, session: SessionDep) -> Response:
+    """The user's tasks with status and progress (polled while any is queued or running)."""
+    return render(request, "training/list.html", {"active": "tasks", **_rows(session, user)})
+
+
+def _rows(session: Any, user: Any) -> dict[str, Any]:
+    positions = service.queue_positions(session)
+    rows = [TaskRead.of(t, queue_position=positions.get(t.id)) for t in service.list_tasks(session, user)]
+    return {"rows": rows, "live": any(r.status.value in ("queued", "running") for r in rows)}
+
+
+@router.get("/tasks/rows")
+def tasks_rows(request: Request, user: CurrentUser, session: SessionDep) -> Response:
+    """The list's table, polled by the page while a task is queued or running."""
+    return render(request, "training/rows.html", _rows(session, user))
+
+
+def _form_context(session: Any, settings: Any, user: Any, values: dict[str, Any] | None = None) -> dict:
+    ready = [d for d in datasets.list_datasets(session, user) if d.status == DatasetStatus.READY]
+    backbones.ensure_builtins(session, settings)  # the catalog's rows, as the backbones page shows them
+    visible = [b for b in backbones.list_visible(session, user) if b.status.value == "ready"]
+    defaults = _defaults(settings)
+    return {
+        "active": "tasks",
+        "datasets": ready,
+        "backbones": visible,
+        "fields": FORM_FIELDS,
+        "defaults": defaults,
+        "defaults_json": json.dumps(defaults),
+        "values": values or {},
+        "errors": [],
+    }
+
+
+@router.get("/tasks/new")
+def new_task_page(
+    request: Request, user: CurrentUser, session: SessionDep, settings: SettingsDep
+) -> Response:
+    """The create form: dataset, backbone, algorithm, key hyperparameters (engine defaults), budget."""
+    return render(request, "training/new.html", _form_context(session, settings, user))
+
+
+@router.post("/tasks/new")
+def create_from_form(
+    request: Request,
+    user: CurrentUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    name: Annotated[str, Form()] = "",
+    dataset_id: Annotated[str, Form()] = "",
+    backbone_id: Annotated[str, Form()] = "",
+    algorithm: Annotated[str, Form()] = "patchgd",
+    memory_budget_gib: Annotated[str, Form()] = "",
+    image_size: Annotated[str, Form()] = "",
+    patch_size: Annotated[str, Form()] = "",
+    sampling: Annotated[str, Form()] = "",
+    epochs: Annotated[str, Form()] = "",
+    batch_size: Annotated[str, Form()] = "",
+    lr_backbone: Annotated[str, Form()] = "",
+    lr_head: Annotated[str, Form()] = "",
+    lr: Annotated[str, Form()] = "",
+    warmup_epochs: Annotated[str, Form()] = "",
+    checkpoint_every_minutes: Annotated[str, Form()] = "",
+) -> Response:
+    """Create the task from the form (fields of the other algorithm are ignored); a refused field
+    re-renders the form with the reasons."""
+    given = {
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "sampling": sampling,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr_backbone": lr_backbone,
+        "lr_head": lr_head,
+        "lr": lr,
+        "warmup_epochs": warmup_epochs,
+        "checkpoint_every_minutes": checkpoint_every_minutes,
+    }
+    values = {
+        "name": name,
+        "dataset_id": dataset_id,
+        "backbone_id": backbone_id,
+        "algorithm": algorithm,
+        "memory_budget_gib": memory_budget_gib,
+        **given,
+    }
+    hyperparameters = {
+        field: _number(given[field].strip())
+        for field, _label, only, _step in FORM_FIELDS
+        if given[field].strip() and (not only or only == algorithm)
+    }
+    try:
+        task = service.create_task(
+            session,
+            settings,
+            user,
+            name=name,
+            dataset_id=int(dataset_id or 0),
+            backbone_id=int(backbone_id or 0),
+            algorithm=algorithm,
+            hyperparameters=hyperparameters,
+            memory_budget_gib=float(memory_budget_gib) if memory_budget_gib.strip() else None,
+        )
+    except (AppError, ValueError) as exc:
+        context = _form_context(session, settings, user, values)
+        detail = getattr(exc, "detail", str(exc))
+        context["errors"] = (
+            [
+                f"{item['field']}: {item['message']}" if item.get("field") else item["message"]
+                for item in detail
+            ]
+            if isinstance(detail, list)
+            else [str(detail)]
+        )
+        return render(request, "training/new.html", context, status_code=422)
+    response = RedirectResponse(f"/tasks/{task.id}", status_code=303)
+    flash(response, request, "success", f"Task {task.name!r} is queued.")
+    return response
+
+
+@router.get("/tasks/{task_id:row_id}")
+def task_page(request: Request, task_id: RowId, user: CurrentUser, session: SessionDep) -> Response:
+    """A task: status, live progress, per-epoch metrics and chart, final metrics, actions."""
+    task = service.get_task(session, user, task_id)
+    return render(request, "training/detail.html", {"active": "tasks", **_context(session, task)})
+
+
+@router.get("/tasks/{task_id:row_id}/status")
+def task_status(request: Request, task_id: RowId, user: CurrentUser, session: SessionDep) -> Response:
+    """The status panel, polled while the task is queued or running; at a new epoch or the end the
+    page reloads itself (HX-Refresh) to show the new table, chart and results."""
+    task = service.get_task(session, user, task_id)
+    context = _context(session, task)
+    seen = request.query_params.get("epochs", "")
+    changed = not context["active_run"] or seen != str(len(context["metrics"]))
+    return render(request, "training/status.html", context, headers={"HX-Refresh": "true"} if changed else {})
+
+
+def _action(request: Request, task_id: int, text: str, target: str | None = None) -> Response:
+    response = RedirectResponse(target or f"/tasks/{task_id}", status_code=303)
+    flash(response, request, "success", text)
+    return response
+
+
+@router.post("/tasks/{task_id:row_id}/cancel")
+def cancel_page(request: Request, task_id: RowId, user: CurrentUser, session: SessionDep) -> Response:
+    """Cancel from the task's page."""
+    task = service.cancel_task(session, user, task_id)
+    done = task.status.value == "cancelled"
+    return _action(
+        request, task_id, "Task cancelled." if done else "The worker stops the task at its next step."
+    )
+
+
+@router.post("/tasks/{task_id:row_id}/retry")
+def retry_page(
+    request: Request, task_id: RowId, user: CurrentUser, session: SessionDep, settings: SettingsDep
+) -> Response:
+    """Retry from the task's page (resumes from the last checkpoint)."""
+    service.retry_task(session, settings, user, task_id)
+    return _action(request, task_id, "Task queued again; it resumes from its last checkpoint.")
+
+
+@router.post("/tasks/{task_id:row_id}/clone")
+def clone_page(
+    request: Request,
+    task_id: RowId,
+    user: CurrentUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    algorithm: Annotated[str, Form()] = "",
+) -> Response:
+    """Clone from the task's page (optionally as the other algorithm)."""
+    clone = service.clone_task(session, settings, user, task_id, algorithm or None)
+    return _action(request, clone.id, f"Task {clone.name!r} is queued.")
+
+
+@router.post("/tasks/{task_id:row_id}/delete")
+def delete_page(
+    request: Request, task_id: RowId, user: CurrentUser, session: SessionDep, settings: SettingsDep
+) -> Response:
+    """Delete from the task's page."""
+    name = service.get_task(session, user, task_id).name
+    service.delete_task(session, settings, user, task_id)
+    return _action(request, task_id, f"Task {name!r} deleted.", target="/tasks")

@@ -1,0 +1,287 @@
+"""Training tasks on real processes: the Celery worker started with the command line `tessera serve`
+uses (prefork, the training queue), Celery beat for the reaper, tasks created through the API.
+
+Tiny runs on CPU (resnet18, 64-128 px, a few dozen steps). The lease, the reaper's interval and the
+progress interval are shortened through the settings the worker reads from its environment, so a
+killed worker's task is requeued within seconds. Each test has its own broker file, so no message
+of another test reaches these workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from backend.config import Settings
+from backend.supervisor import beat_command, child_environment, worker_command
+from backend.training import service
+from tests.training.helpers import TINY_BASELINE, TINY_PATCHGD, builtin_backbone, ready_dataset
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+#: Bound on any one wait (worker start-up, importing torch, a tiny run) on a busy 2-core machine.
+TIMEOUT_SECONDS = 180.0
+SHORT = {
+    "task_lease_seconds": 6.0,
+    "task_reaper_interval_seconds": 1.0,
+    "task_redispatch_after_seconds": 5.0,
+    "task_progress_interval_seconds": 0.3,
+}
+
+
+@pytest.fixture
+def fast_settings(settings: Settings, tmp_path: Path) -> Settings:
+    """The test's settings with a broker of its own and short leases."""
+    return settings.model_copy(update={"broker_url": f"sqla+sqlite:///{tmp_path / 'broker.db'}", **SHORT})
+
+
+class Processes:
+    """Workers and beat started for one test; whatever is still running is stopped at the end."""
+
+    def __init__(self, settings: Settings, folder: Path) -> None:
+        self.settings = settings
+        self.folder = folder
+        self.started: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def env(self) -> dict[str, str]:
+        env = child_environment(self.settings)
+        for name, value in SHORT.items():
+            env[f"TESSERA_{name.upper()}"] = str(value)
+        env["TESSERA_TASK_MAX_ATTEMPTS"] = str(self.settings.task_max_attempts)
+        return env
+
+    def start(self, kind: str) -> subprocess.Popen[bytes]:
+        command = worker_command(self.settings) if kind == "worker" else beat_command(self.settings)
+        log = self.folder / f"{kind}-{len(self.started)}.log"
+        with log.open("wb") as handle:
+            process = subprocess.Popen(
+                command,
+                cwd=REPO_ROOT,
+                env=self.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.started.append((process, log))
+        return process
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {log.name}\n{log.read_text(errors='replace')[-6000:]}" for _, log in self.started
+        )
+
+    def kill(self, process: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the worker and its pool children at once, like a machine that lost power."""
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def stop_all(self) -> None:
+        for process, _ in self.started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process, _ in self.started:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@pytest.fixture
+def processes(fast_settings: Settings, tmp_path: Path) -> Iterator[Processes]:
+    started = Processes(fast_settings, tmp_path)
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+@pytest.fixture
+def api(fast_settings, make_client, make_user, bearer):  # noqa: ANN001, ANN201
+    """A client of an app with the test's settings, a signed-in user, a ready dataset and resnet18."""
+    client = make_client(fast_settings)
+    auth = bearer(client, make_user())
+    dataset_id = ready_dataset(fast_settings, client, auth, size=96)
+    backbone_id = builtin_backbone(fast_settings)
+
+    def create(name: str, algorithm: str, hyperparameters: dict) -> dict:
+        response = client.post(
+            "/api/v1/tasks",
+            json={
+                "name": name,
+                "dataset_id": dataset_id,
+                "backbone_id": backbone_id,
+                "algorithm": algorithm,
+                "hyperparameters": hyperparameters,
+            },
+            headers=auth,
+        )
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def get(path: str) -> dict | list:
+        response = client.get(f"/api/v1/tasks{path}", headers=auth)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def post(path: str) -> dict:
+        return client.post(f"/api/v1/tasks{path}", headers=auth).json()
+
+    return SimpleNamespace(create=create, get=get, post=post, client=client, auth=auth)
+
+
+def wait_until(
+    processes: Processes,
+    what: str,
+    check: Callable[[], bool],
+    timeout: float = TIMEOUT_SECONDS,
+    ended: Callable[[], bool] | None = None,
+) -> None:
+    """Poll ``check`` until it holds; fail with the process logs on a timeout or once ``ended``."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert ended is None or not ended(), f"ended before {what}\n{processes.logs()}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{processes.logs()}"
+        time.sleep(0.1)
+
+
+def status_of(api, task_id: int) -> str:  # noqa: ANN001
+    return api.get(f"/{task_id}")["status"]
+
+
+@pytest.mark.slow
+def test_patchgd_and_baseline_succeed_and_a_cancel_ends_a_run(fast_settings, processes, api):
+    worker = processes.start("worker")
+    patchgd = api.create("patchgd", "patchgd", dict(TINY_PATCHGD, epochs=2))
+    baseline = api.create("baseline", "baseline", TINY_BASELINE)
+    for task in (patchgd, baseline):
+        wait_until(
+            processes,
+            f"task {task['name']}",
+            lambda t=task: status_of(api, t["id"]) in service.TERMINAL_NAMES,
+        )
+        body = api.get(f"/{task['id']}")
+        assert body["status"] == "succeeded", (body, processes.logs())
+        assert body["attempts"] == 1 and body["progress"]["fraction"] == 1.0 and body["error"] == ""
+        final = body["final_metrics"]
+        assert final["split"] == "test" and final["classes"] == ["cat", "dog"]
+        assert 0.0 <= final["accuracy"] <= 1.0 and len(final["per_class_recall"]) == 2
+        assert sum(map(sum, final["confusion_matrix"])) == final["num_samples"] > 0
+        metrics = api.get(f"/{task['id']}/metrics")
+        assert [m["epoch"] for m in metrics] == list(range(body["hyperparameters"]["epochs"]))
+        assert all(m["val_accuracy"] is not None and m["train_loss"] > 0 for m in metrics)
+        assert body["best"]["epoch"] in {m["epoch"] for m in metrics}
+    exported = fast_settings.data_dir / "tasks" / str(patchgd["id"]) / "exports"
+    assert any(exported.glob("*.safetensors"))
+    # Downloads: safetensors at once; TorchScript made by the worker on the first request, then kept.
+    weights = api.client.get(f"/api/v1/tasks/{patchgd['id']}/model", headers=api.auth)
+    assert weights.status_code == 200 and weights.content == (exported / "model.safetensors").read_bytes()
+    first = api.client.get(f"/api/v1/tasks/{patchgd['id']}/model?format=torchscript", headers=api.auth)
+    assert first.status_code == 202 and first.json()["status"] == "exporting"
+
+    def torchscript_ready() -> bool:
+        response = api.client.get(f"/api/v1/tasks/{patchgd['id']}/model?format=torchscript", headers=api.auth)
+        assert response.status_code in (200, 202), response.text
+        return response.status_code == 200 and len(response.content) > 1000
+
+    wait_until(processes, "the TorchScript export", torchscript_ready, timeout=120)
+
+    # A long run, cancelled while it trains, ends `cancelled` within seconds.
+    long = api.create("long", "patchgd", dict(TINY_PATCHGD, epochs=50, batch_size=2))
+    wait_until(
+        processes,
+        "the long run's first steps",
+        lambda: api.get(f"/{long['id']}")["progress"]["step"] >= 2,
+        ended=lambda: status_of(api, long["id"]) in service.TERMINAL_NAMES,
+    )
+    asked = time.monotonic()
+    assert api.post(f"/{long['id']}/cancel")["cancel_requested"] is True
+    wait_until(processes, "the cancel", lambda: status_of(api, long["id"]) == "cancelled", timeout=30)
+    assert time.monotonic() - asked < 30
+    assert worker.poll() is None
+
+
+def _checkpoint_step(settings: Settings, task_id: int) -> int | None:
+    from worker.patchgd.checkpoint import load_checkpoint
+
+    path = service.checkpoint_dir(settings, task_id) / "last.pt"
+    return int(load_checkpoint(path)["step"]) if path.exists() else None
+
+
+@pytest.mark.slow
+def test_a_killed_worker_s_task_is_requeued_and_resumed_from_its_checkpoint(fast_settings, processes, api):
+    processes.start("beat")
+    worker = processes.start("worker")
+    # 12 training images, batch 2: 6 steps an epoch; a checkpoint between steps every 0.6 s.
+    hp = dict(TINY_PATCHGD, epochs=3, batch_size=2, checkpoint_every_minutes=0.01)
+    task_id = api.create("crash", "patchgd", hp)["id"]
+    last = service.checkpoint_dir(fast_settings, task_id) / "last.pt"
+    seen = {"mtime": 0.0, "step": 0}
+
+    def mid_epoch_checkpoint() -> bool:
+        # Reads the checkpoint only when it changed (it is a few dozen MB).
+        if not last.exists() or last.stat().st_mtime == seen["mtime"]:
+            return False
+        seen["mtime"] = last.stat().st_mtime
+        seen["step"] = _checkpoint_step(fast_settings, task_id) or 0
+        return seen["step"] % 6 != 0 and seen["step"] < 15
+
+    wait_until(
+        processes,
+        "a mid-epoch checkpoint",
+        mid_epoch_checkpoint,
+        ended=lambda: status_of(api, task_id) in service.TERMINAL_NAMES,
+    )
+    processes.kill(worker)
+    resumed_at = _checkpoint_step(fast_settings, task_id)
+    assert resumed_at is not None and resumed_at >= seen["step"]
+    assert status_of(api, task_id) == "running"  # until the lease expires and the reaper acts
+
+    processes.start("worker")
+    wait_until(processes, "the resumed run", lambda: status_of(api, task_id) in service.TERMINAL_NAMES)
+    body = api.get(f"/{task_id}")
+    assert body["status"] == "succeeded", (body, processes.logs())
+    assert body["attempts"] == 2
+    starts = body_attempts(fast_settings, task_id)
+    assert [s["first_step"] for s in starts] == [1, resumed_at + 1]
+    metrics = api.get(f"/{task_id}/metrics")
+    assert [m["epoch"] for m in metrics] == [0, 1, 2]  # each epoch once, none repeated by the resume
+    assert body["final_metrics"]["num_samples"] > 0
+
+
+def body_attempts(settings: Settings, task_id: int) -> list[dict]:
+    from backend.db import session_scope
+    from backend.models import Task
+
+    with session_scope(settings) as session:
+        return list((session.get(Task, task_id).artifacts or {}).get("attempts", []))
+
+
+@pytest.mark.slow
+def test_a_task_whose_worker_dies_on_every_attempt_fails_with_a_reason(fast_settings, processes, api):
+    fast_settings.task_max_attempts = 2
+    processes.start("beat")
+    task_id = api.create("doomed", "patchgd", dict(TINY_PATCHGD, epochs=50, batch_size=2))["id"]
+    assert api.get(f"/{task_id}")["max_attempts"] == 2
+    for attempt in (1, 2):
+        worker = processes.start("worker")
+        wait_until(
+            processes,
+            f"attempt {attempt} training",
+            lambda a=attempt: (
+                lambda b: b["attempts"] == a and b["status"] == "running" and b["progress"]["step"] >= 1
+            )(api.get(f"/{task_id}")),
+            ended=lambda: status_of(api, task_id) in service.TERMINAL_NAMES,
+        )
+        processes.kill(worker)
+    processes.start("worker")  # runs the reaper's job
+    wait_until(processes, "the reaper's verdict", lambda: status_of(api, task_id) == "failed")
+    body = api.get(f"/{task_id}")
+    assert body["attempts"] == 2 and "stopped responding" in body["error"]
