@@ -251,7 +251,10 @@ def import_dataset(
         if found is None or not found.is_active:
             raise Invalid(f"No active user is called {owner!r}.")
         owner_user = found
-    clean = clean_name(name)
+    try:
+        clean = clean_name(name)
+    except FormInvalid as exc:  # a JSON body: 400, like every other refusal of this request
+        raise Invalid(exc.detail) from None
     source = resolve_import_path(settings, relative)
     relative = PurePosixPath(relative).as_posix()
     info = source.stat()

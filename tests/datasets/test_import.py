@@ -147,7 +147,51 @@ def test_only_admins_may_import_and_only_when_enabled(importing, settings, make_
     assert rows(settings) == [] and folders(settings) == []
 
 
+def test_a_bad_name_or_owner_is_400(importing, make_user):
+    client, settings, admin = importing
+    assert do_import(client, admin, "pets", name="bad\x01name").status_code == 400
+    assert do_import(client, admin, "pets", owner="nobody").status_code == 400
+    assert rows(settings) == [] and folders(settings) == []
+
+
 def test_the_import_endpoint_is_in_the_openapi_schema(importing):
     client, _, _ = importing
     operation = client.get("/openapi.json").json()["paths"]["/api/v1/datasets/import"]["post"]
     assert "DatasetImport" in str(operation["requestBody"]) and "201" in operation["responses"]
+
+
+SHM = Path("/dev/shm")
+
+
+@pytest.mark.skipif(
+    not SHM.is_dir() or not os.access(SHM, os.W_OK), reason="needs a second filesystem (/dev/shm)"
+)
+def test_across_filesystems_the_import_falls_back_to_a_copy(
+    settings, make_client, make_user, bearer, tmp_path
+):
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(dir=SHM, prefix="tessera-import-"))
+    try:
+        if os.stat(root).st_dev == os.stat(tmp_path).st_dev:
+            pytest.skip("/dev/shm is on the data folder's filesystem here")
+        for name, data in good_entries(("cat", "dog"), 3).items():
+            (root / "pets" / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / "pets" / name).write_bytes(data)
+        (root / "pets.zip").write_bytes(good_zip())
+        enabled = settings.model_copy(update={"import_root": str(root)})
+        client = make_client(enabled)
+        admin = bearer(client, make_user(role=Role.ADMIN))
+        archive = do_import(client, admin, "pets.zip").json()
+        assert archive["summary"]["import"]["method"] == "copy"
+        folder = do_import(client, admin, "pets").json()
+        for body in (archive, folder):
+            assert validate_dataset(enabled, body["id"]) == "ready"
+        summary = client.get(f"/api/v1/datasets/{folder['id']}", headers=admin).json()["summary"]
+        assert summary["import"]["method"] == "copy" and summary["import"]["copied"] == 6
+        stored = settings.data_dir / "datasets" / str(folder["id"]) / "images" / "cat" / "0.png"
+        assert stored.read_bytes() == (root / "pets" / "cat" / "0.png").read_bytes()
+        assert os.stat(stored).st_ino != os.stat(root / "pets" / "cat" / "0.png").st_ino
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
