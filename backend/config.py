@@ -120,6 +120,11 @@ class Settings(BaseSettings):
         default=True,
         description="`serve` registers a small UltraMNIST-style demo dataset when no dataset exists yet.",
     )
+    import_root: str = Field(
+        default="",
+        description="Folder on the server that administrators may import datasets from (hard links, "
+        "no copy, on the same filesystem); empty: imports are disabled.",
+    )
     max_weights_upload_bytes: int = Field(
         default=2 * 1024**3, ge=1, description="Largest backbone weights file accepted for upload."
     )

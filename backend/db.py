@@ -28,6 +28,7 @@ MIGRATIONS_DIR = REPO_ROOT / "migrations"
 
 # SQLite waits this long for a competing writer (API, worker, beat) before "database is locked".
 SQLITE_BUSY_TIMEOUT_MS = 15_000
+AFTER_ROLLBACK_KEY = "tessera_after_rollback"
 AFTER_COMMIT_KEY = "after_commit_callbacks"
 #: Connections beyond the pool size, for the requests that bypass the admission line.
 POOL_SPARE_CONNECTIONS = 8
@@ -108,8 +109,15 @@ def run_after_commit(session: Session, callback: Callable[[], None]) -> None:
     session.info.setdefault(AFTER_COMMIT_KEY, []).append(callback)
 
 
+def run_after_rollback(session: Session, callback: Callable[[], None]) -> None:
+    """Run ``callback`` if the session's current transaction rolls back (dropped on commit): the
+    undo of work done outside the database, such as files created for a row that never existed."""
+    session.info.setdefault(AFTER_ROLLBACK_KEY, []).append(callback)
+
+
 @event.listens_for(Session, "after_commit")
 def _run_after_commit_callbacks(session: Session) -> None:
+    session.info.pop(AFTER_ROLLBACK_KEY, None)
     callbacks = session.info.pop(AFTER_COMMIT_KEY, [])
     for callback in callbacks:
         callback()
@@ -119,6 +127,8 @@ def _run_after_commit_callbacks(session: Session) -> None:
 def _drop_after_commit_callbacks(session: Session) -> None:
     # Work queued for a transaction that never committed must never be sent.
     session.info.pop(AFTER_COMMIT_KEY, None)
+    for callback in session.info.pop(AFTER_ROLLBACK_KEY, []):
+        callback()
 
 
 @contextmanager

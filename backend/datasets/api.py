@@ -13,9 +13,9 @@ from fastapi.responses import FileResponse
 
 from backend import paths  # noqa: F401  (registers the ``row_id`` path convertor)
 from backend.datasets import resumable, service
-from backend.datasets.schemas import DatasetDeleted, DatasetRead
+from backend.datasets.schemas import DatasetDeleted, DatasetImport, DatasetRead
 from backend.datasets.uploads import receive_dataset_upload
-from backend.deps import MAX_ROW_ID, CurrentUser, RowId, SessionDep, SettingsDep, oauth2_scheme
+from backend.deps import MAX_ROW_ID, AdminUser, CurrentUser, RowId, SessionDep, SettingsDep, oauth2_scheme
 from backend.errors import ErrorResponse
 from backend.models import DATASET_NAME_MAX_LENGTH
 
@@ -69,6 +69,30 @@ async def upload_dataset(request: Request, settings: SettingsDep) -> DatasetRead
     nothing is kept.
     """
     dataset = await receive_dataset_upload(request, settings)
+    return DatasetRead.of(dataset)
+
+
+@router.post(
+    "/import",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetRead,
+    responses={
+        400: {"model": ErrorResponse, "description": "The path is refused (outside the import root, ...)."},
+        403: {"model": ErrorResponse, "description": "Imports are disabled (`TESSERA_IMPORT_ROOT` empty)."},
+        404: {"model": ErrorResponse, "description": "Not an administrator."},
+    },
+)
+def import_dataset(
+    body: DatasetImport, admin: AdminUser, session: SessionDep, settings: SettingsDep
+) -> DatasetRead:
+    """Import a dataset from a file or folder under the server's import root (administrators only).
+
+    `path` is relative to `TESSERA_IMPORT_ROOT`: an archive, a single image or slide, or a
+    dataset folder. Files are hard-linked, not copied, where the filesystem allows (`summary.import`
+    says which); answers 201 with `status: "validating"` like an upload. Imports do not count
+    against the owner's quota. Deleting the dataset never touches the source.
+    """
+    dataset = service.import_dataset(session, settings, admin, body.name, body.path, body.owner)
     return DatasetRead.of(dataset)
 
 

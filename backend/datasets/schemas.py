@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from backend.models import Dataset, DatasetStatus
+from backend.models import DATASET_NAME_MAX_LENGTH, Dataset, DatasetStatus
 
 
 class Progress(BaseModel):
@@ -83,3 +83,15 @@ class DatasetDeleted(BaseModel):
 
     id: int
     status: str
+
+
+class DatasetImport(BaseModel):
+    """An import from the server's import root (administrators): ``path`` is relative to
+    ``TESSERA_IMPORT_ROOT`` (an archive, a single image or slide, or a dataset folder);
+    ``owner`` is a username (default: you)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=DATASET_NAME_MAX_LENGTH)
+    path: str = Field(min_length=1, max_length=4096)
+    owner: str | None = Field(default=None, max_length=150)

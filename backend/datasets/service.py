@@ -11,19 +11,22 @@ progress and cancellation checks use short transactions of their own (:func:`rec
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import stat
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from backend.config import Settings
-from backend.db import run_after_commit, session_scope
-from backend.errors import AppError, Conflict, Invalid, NotFound
+from backend.db import run_after_commit, run_after_rollback, session_scope
+from backend.errors import AppError, Conflict, Forbidden, Invalid, NotFound
 from backend.models import DATASET_NAME_MAX_LENGTH, Dataset, DatasetStatus, Task, User
 from backend.models.base import utcnow
 from backend.queue import DATASETS_DEMO, DATASETS_VALIDATE, enqueue_after_commit
@@ -33,8 +36,12 @@ DATASETS_DIR = "datasets"
 UPLOAD_FILE = "upload"
 REPORT_FILE = "report.json"
 THUMBNAILS_DIR = "_thumbnails"
+#: Longest import path (it is kept in ``original_filename``).
+IMPORT_PATH_MAX_LENGTH = 255
 #: Pyramids listed one by one in the summary (the report file has them all).
 SUMMARY_MAX_PYRAMIDS = 50
+#: ``Dataset.source`` of a dataset imported from under ``import_root``.
+IMPORT_SOURCE = "import"
 
 
 class UploadTooLarge(AppError):
@@ -89,8 +96,11 @@ def clean_filename(filename: str) -> str:
 
 
 def storage_used(session: Session, owner_id: int, *, exclude_id: int | None = None) -> int:
-    """Bytes of uploads the owner's datasets hold (what the quota counts)."""
-    query = select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.owner_id == owner_id)
+    """Bytes of uploads the owner's datasets hold (what the quota counts). Imports from the
+    server's import root are not counted: their files are already on the server's storage."""
+    query = select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(
+        Dataset.owner_id == owner_id, Dataset.source != IMPORT_SOURCE
+    )
     if exclude_id is not None:
         query = query.where(Dataset.id != exclude_id)
     return int(session.scalar(query) or 0)
@@ -172,6 +182,118 @@ def discard_upload(settings: Settings, dataset_id: int) -> None:
         if dataset is not None and dataset.status == DatasetStatus.UPLOADING:
             session.delete(dataset)
     shutil.rmtree(dataset_dir(settings, dataset_id), ignore_errors=True)
+
+
+# Import from a server folder (admins): the web process only stats and links, never reads images.
+
+
+def import_root(settings: Settings) -> Path:
+    """The resolved import root; 403 when imports are disabled (``import_root`` empty)."""
+    if not settings.import_root.strip():
+        raise Forbidden(
+            "Importing from a server folder is disabled on this server: an administrator must set "
+            "TESSERA_IMPORT_ROOT to the folder imports may come from."
+        )
+    root = Path(settings.import_root).expanduser().resolve()
+    if not root.is_dir():
+        raise Forbidden(
+            f"The import root {str(root)!r} (TESSERA_IMPORT_ROOT) is not a folder on this server."
+        )
+    return root
+
+
+def resolve_import_path(settings: Settings, relative: str) -> Path:
+    """The real path of ``relative`` under the import root, which must be a regular file or a folder.
+
+    Refused (400): an empty, absolute or over-long path, ``..`` components, control characters,
+    and anything whose real path (links resolved) is outside the import root.
+    """
+    root = import_root(settings)
+    if not relative or not relative.strip():
+        raise Invalid("Give the path of a file or folder under the import root.")
+    if has_control_characters(relative):
+        raise Invalid("The import path cannot contain NUL or other control characters.")
+    if len(relative) > IMPORT_PATH_MAX_LENGTH:
+        raise Invalid(f"The import path is longer than {IMPORT_PATH_MAX_LENGTH} characters.")
+    pure = PurePosixPath(relative)
+    if pure.is_absolute() or relative.startswith("\\") or "\\" in relative:
+        raise Invalid("The import path must be relative to the import root (no leading '/', no '\\').")
+    if ".." in pure.parts:
+        raise Invalid("The import path cannot contain '..': give a path inside the import root.")
+    if not pure.parts or pure.parts == (".",):
+        raise Invalid("Give the path of a file or folder under the import root, not the root itself.")
+    real = Path(os.path.realpath(root.joinpath(*pure.parts)))
+    if real == root or not real.is_relative_to(root):
+        raise Invalid(f"{relative!r} leads outside the import root (through a link): it cannot be imported.")
+    try:
+        info = real.stat()
+    except OSError:
+        raise Invalid(f"Nothing is at {relative!r} under the import root.") from None
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+        raise Invalid(f"{relative!r} is neither a regular file nor a folder.")
+    return real
+
+
+def import_dataset(
+    session: Session, settings: Settings, admin: User, name: str, relative: str, owner: str | None = None
+) -> Dataset:
+    """Register a dataset from ``relative`` under the import root for ``owner`` (default: the admin).
+
+    A file (archive, image or slide) is hard-linked as the dataset's ``upload`` (a copy where the
+    filesystem refuses); a folder is hard-linked file by file by the worker. Either way the
+    dataset is ``validating`` and ``datasets.validate`` is queued after the commit. Imports do
+    not count against the owner's quota (:func:`storage_used`). Deleting the dataset removes
+    only its own folder: the links, never the source.
+    """
+    owner_user = admin
+    if owner is not None and owner != admin.username:
+        found = session.scalar(select(User).where(User.username == owner))
+        if found is None or not found.is_active:
+            raise Invalid(f"No active user is called {owner!r}.")
+        owner_user = found
+    try:
+        clean = clean_name(name)
+    except FormInvalid as exc:  # a JSON body: 400, like every other refusal of this request
+        raise Invalid(exc.detail) from None
+    source = resolve_import_path(settings, relative)
+    relative = PurePosixPath(relative).as_posix()
+    info = source.stat()
+    is_folder = stat.S_ISDIR(info.st_mode)
+    dataset = create_dataset(session, settings, owner_user.id, clean, source.name, source=IMPORT_SOURCE)
+    dataset.original_filename = relative
+    imported: dict[str, Any] = {"kind": "folder" if is_folder else "file", "path": relative}
+    folder = dataset_dir(settings, dataset.id)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        if not is_folder:
+            imported["method"] = (
+                "hard link" if link_or_copy(source, upload_path(settings, dataset.id)) else "copy"
+            )
+            dataset.size_bytes = info.st_size
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    # Should the transaction not commit, the folder (links only) goes with it.
+    run_after_rollback(session, lambda: shutil.rmtree(folder, ignore_errors=True))
+    dataset.summary = {"import": imported}
+    dataset.status = DatasetStatus.VALIDATING
+    dataset.progress_phase = "queued"
+    session.flush()
+    enqueue_after_commit(session, settings, DATASETS_VALIDATE, dataset.id)
+    return dataset
+
+
+def link_or_copy(source: Path, target: Path) -> bool:
+    """Hard-link ``source`` to ``target`` (no copy); copy when the filesystem refuses a link
+    (another filesystem, ``EXDEV``; protected hard links, ``EPERM``). True when linked."""
+    try:
+        os.link(source, target, follow_symlinks=False)
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK):
+            raise
+    shutil.copyfile(source, target, follow_symlinks=False)
+    return False
 
 
 def list_datasets(session: Session, user: User) -> Sequence[Dataset]:
@@ -390,15 +512,27 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def store_report(session: Session, settings: Settings, dataset_id: int, report: dict[str, Any]) -> str:
+def store_report(
+    session: Session,
+    settings: Settings,
+    dataset_id: int,
+    report: dict[str, Any],
+    *,
+    imported: dict[str, Any] | None = None,
+) -> str:
     """Write ``report.json`` in the dataset folder and the outcome on the row; returns the status.
 
+    An imported dataset keeps what the import did (``summary["import"]``: its path under the
+    import root, and whether its files were hard-linked or copied); ``imported`` replaces it.
     A dataset deleted meanwhile is removed instead (and ``"deleted"`` returned).
     """
     dataset = session.get(Dataset, dataset_id)
     if dataset is None or dataset.delete_requested:
         remove_dataset(session, settings, dataset_id)
         return "deleted"
+    imported = imported or (dataset.summary or {}).get("import")
+    if imported:
+        report = {**report, "import": imported}
     folder = dataset_dir(settings, dataset_id)
     (folder / REPORT_FILE).write_text(json.dumps(report), encoding="utf-8")
     dataset.validated_at = utcnow()
@@ -414,6 +548,10 @@ def store_report(session: Session, settings: Settings, dataset_id: int, report: 
         dataset.status = DatasetStatus.INVALID
         dataset.summary = {}
         dataset.problems = list(report.get("problems", []))
+    if imported:
+        dataset.summary = {**dataset.summary, "import": imported}
+        if imported.get("bytes"):
+            dataset.size_bytes = int(imported["bytes"])
     dataset.progress_phase = "done"
     session.flush()
     return dataset.status.value

@@ -1,6 +1,8 @@
 """`datasets.validate`: validate an uploaded dataset with `worker.datasets` and record the outcome.
 
-The job claims the row (conditional UPDATE), runs `validate_upload` on `<dataset>/upload` with
+The job claims the row (conditional UPDATE), runs `validate_upload` on `<dataset>/upload` (or,
+for a folder imported from the server's import root, hard-links its files into `images/` and
+runs `validate_folder` on them) with
 progress written to the row at most every :data:`PROGRESS_INTERVAL_SECONDS` and the owner's
 delete request checked as often, then stores `ready` (summary) or `invalid` (problems) and the
 full report (`report.json`, with the per-file labels and split) in the dataset folder.
@@ -75,21 +77,30 @@ def validate_dataset(settings: Settings, dataset_id: int) -> str:
                 service.remove_dataset(session, settings, dataset_id)
                 return "deleted"
             return "skipped"
-        filename = session.get(Dataset, dataset_id).original_filename  # type: ignore[union-attr]
+        row = session.get(Dataset, dataset_id)
+        assert row is not None
+        filename = row.original_filename
+        folder_import = (
+            row.source == "import" and (row.summary or {}).get("import", {}).get("kind") == "folder"
+        )
     folder = service.dataset_dir(settings, dataset_id)
     # A redelivered message (the previous worker died) finds the previous attempt's output.
     for leftover in ("images", service.THUMBNAILS_DIR):
         shutil.rmtree(folder / leftover, ignore_errors=True)
     throttle = _Throttle(settings, dataset_id)
+    imported: dict | None = None
     try:
-        report = validate_upload(
-            service.upload_path(settings, dataset_id),
-            folder,
-            filename=filename,
-            limits=dataset_limits(settings),
-            on_progress=throttle.progress,
-            should_stop=throttle.should_stop,
-        )
+        if folder_import:
+            report, imported = _validate_imported_folder(settings, folder, filename, throttle)
+        else:
+            report = validate_upload(
+                service.upload_path(settings, dataset_id),
+                folder,
+                filename=filename,
+                limits=dataset_limits(settings),
+                on_progress=throttle.progress,
+                should_stop=throttle.should_stop,
+            )
     except ValidationCancelled:
         with session_scope(settings) as session:
             service.remove_dataset(session, settings, dataset_id)
@@ -101,9 +112,57 @@ def validate_dataset(settings: Settings, dataset_id: int) -> str:
             service.fail_validation(session, settings, dataset_id, f"{type(exc).__name__}: {exc}")
         return "invalid"
     with session_scope(settings) as session:
-        outcome = service.store_report(session, settings, dataset_id, report.to_dict())
+        outcome = service.store_report(session, settings, dataset_id, report.to_dict(), imported=imported)
     logger.info("dataset %s validated: %s", dataset_id, outcome)
     return outcome
+
+
+def _validate_imported_folder(settings: Settings, folder: Path, relative: str, throttle: _Throttle):  # noqa: ANN202
+    """A folder imported from under ``import_root``: hard-link its files into ``images/`` (copy
+    where the filesystem refuses), then validate them like an extracted archive. Returns the
+    report and what the import did (for the summary); the source is only read."""
+    from worker.datasets import DatasetReport, validate_folder
+    from worker.datasets.importing import link_folder
+    from worker.datasets.problems import problem
+
+    images, thumbnails = folder / "images", folder / service.THUMBNAILS_DIR
+    try:
+        source = service.resolve_import_path(settings, relative)
+    except service.AppError as exc:
+        missing = problem(
+            relative, "missing_file", exc.detail, "Import the folder again from the import root."
+        )
+        return DatasetReport(status="invalid", problems=[missing]), {"kind": "folder", "path": relative}
+    limits = dataset_limits(settings)
+    try:
+        linked = link_folder(
+            source, images, limits, on_progress=throttle.progress, should_stop=throttle.should_stop
+        )
+        imported = {
+            "kind": "folder",
+            "path": relative,
+            "method": linked.method,
+            "linked": linked.linked,
+            "copied": linked.copied,
+            "bytes": linked.total_bytes,
+        }
+        if linked.problems and any(p.code in ("too_many_files", "too_large") for p in linked.problems):
+            report = DatasetReport(status="invalid", problems=linked.problems)
+        else:
+            report = validate_folder(
+                images, thumbnails, limits, on_progress=throttle.progress, should_stop=throttle.should_stop
+            )
+            if linked.problems:
+                report.status = "invalid"
+                report.problems = linked.problems + report.problems
+    except BaseException:
+        shutil.rmtree(images, ignore_errors=True)
+        shutil.rmtree(thumbnails, ignore_errors=True)
+        raise
+    if not report.ready:
+        shutil.rmtree(images, ignore_errors=True)
+        shutil.rmtree(thumbnails, ignore_errors=True)
+    return report, imported
 
 
 @celery_app.task(name=DATASETS_VALIDATE)
