@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +16,7 @@ from backend.main import create_app
 from backend.models import Backbone, BackboneStatus
 from backend.queue import BACKBONES_MEASURE, enqueue
 from tests.conftest import FAST_HASHING, SyncClient
-from tests.worker.test_real_worker import REPO_ROOT
+from tests.processes import celery_worker_command, running
 
 #: Worker start-up, then a validation and a measurement (two calibration runs) on a busy CPU.
 DEADLINE_SECONDS = 240.0
@@ -32,34 +27,10 @@ def stack(tmp_path: Path) -> Iterator[Settings]:
     """A migrated SQLite database, kombu's SQLite broker, and a worker on both queues."""
     settings = Settings(data_dir=tmp_path / "data", database_url="", broker_url="", **FAST_HASHING)
     upgrade_database(settings)
-    env = dict(os.environ)
-    env.update(
-        TESSERA_DATA_DIR=str(settings.data_dir),
-        TESSERA_DATABASE_URL=settings.database_url,
-        TESSERA_BROKER_URL=settings.broker_url,
-        PYTHONUNBUFFERED="1",
-    )
-    log = (tmp_path / "worker.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo"]
-        + ["--loglevel", "INFO", "--hostname", f"test-{uuid.uuid4().hex[:8]}@%h"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
     try:
-        yield settings
+        with running(celery_worker_command("--pool", "solo"), settings, tmp_path / "worker.log"):
+            yield settings
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
         dispose_engines()
 
 

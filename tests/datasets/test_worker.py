@@ -3,8 +3,6 @@ the command line `tessera serve` uses, so the light queue is proved to be consum
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,8 +12,9 @@ import pytest
 
 from backend.config import Settings
 from backend.queue import DEFAULT_QUEUE, LIGHT_QUEUE, TRAINING_QUEUE
-from backend.supervisor import child_environment, worker_command
+from backend.supervisor import worker_command
 from tests.datasets.helpers import bad_zip, good_zip
+from tests.processes import running
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Worker start-up (the SQL broker is polled once a second) plus two tiny validations.
@@ -24,26 +23,8 @@ TIMEOUT_SECONDS = 90.0
 
 @pytest.fixture
 def serve_worker(settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    log = (tmp_path / "worker.log").open("wb")
-    process = subprocess.Popen(
-        worker_command(settings),
-        cwd=REPO_ROOT,
-        env=child_environment(settings),
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
+    with running(worker_command(settings), settings, tmp_path / "worker.log") as process:
         yield process
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
 
 
 def wait_for(client, headers, dataset_id: int, process, log: Path) -> dict:

@@ -6,12 +6,9 @@ children; the planner's measured trial must still run there.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +19,7 @@ import pytest
 from backend.config import Settings
 from backend.queue import MEMORY_PLAN as PLAN_TASK
 from backend.queue import enqueue
+from tests.processes import celery_worker_command, running
 from worker.patchgd.config import PatchGDConfig
 from worker.tasks.training import plan_report_path
 
@@ -47,36 +45,9 @@ def worker_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
 @pytest.fixture
 def prefork_worker(worker_settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """`celery worker --pool prefork --concurrency 1`, as `tessera serve` and the Dockerfile run it."""
-    env = dict(os.environ)
-    env.update(
-        TESSERA_DATA_DIR=str(worker_settings.data_dir),
-        TESSERA_DATABASE_URL=worker_settings.database_url,
-        TESSERA_BROKER_URL=worker_settings.broker_url,
-        PYTHONUNBUFFERED="1",
-    )
-    log = (tmp_path / "worker.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker"]
-        + ["--pool", "prefork", "--concurrency", "1"]
-        + ["--loglevel", "INFO", "--hostname", f"test-plan-{uuid.uuid4().hex[:8]}@%h"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
+    command = celery_worker_command("--pool", "prefork", "--concurrency", "1", name="test-plan")
+    with running(command, worker_settings, tmp_path / "worker.log") as process:
         yield process
-    finally:
-        process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=30)
-        # The pool process and any measuring child share the worker's process group.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        log.close()
 
 
 @pytest.mark.slow

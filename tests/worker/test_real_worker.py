@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,6 +14,7 @@ import pytest
 
 from backend.config import Settings
 from backend.queue import SYSTEM_PING, enqueue
+from tests.processes import celery_worker_command, running
 from worker.tasks.system import ping_report_path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -39,34 +38,10 @@ def worker_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
 @pytest.fixture
 def running_worker(worker_settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Start `celery worker -P solo` for these settings; stop (or kill) it and its group afterwards."""
-    env = dict(os.environ)
-    env.update(
-        TESSERA_DATA_DIR=str(worker_settings.data_dir),
-        TESSERA_DATABASE_URL=worker_settings.database_url,
-        TESSERA_BROKER_URL=worker_settings.broker_url,
-        PYTHONUNBUFFERED="1",
-    )
-    log = (tmp_path / "worker.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo"]
-        + ["--loglevel", "INFO", "--hostname", f"test-{uuid.uuid4().hex[:8]}@%h"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
+    with running(
+        celery_worker_command("--pool", "solo"), worker_settings, tmp_path / "worker.log"
+    ) as process:
         yield process
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
 
 
 @pytest.mark.slow
