@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from threading import Lock
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, Executable, create_engine, event
+from sqlalchemy import Engine, Executable, create_engine, event, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
 
 from backend.config import Settings
 
@@ -172,6 +174,21 @@ def touch_quietly(session: Session, statement: Executable) -> bool:
         except OperationalError:  # "database is locked": someone else writes; a later request touches
             connection.rollback()
             return False
+
+
+def touch_column(session: Session, row: Any, column: Any, now: datetime, stale: Any) -> None:
+    """Set ``column`` of ``row`` to ``now`` while ``stale`` still holds, via :func:`touch_quietly`.
+
+    The row is picked with ``FOR UPDATE SKIP LOCKED`` (Postgres), so a request that finds it being
+    written changes nothing; the loaded object shows the new value only when the write committed.
+    """
+    model = type(row)
+    target = (
+        select(model.id).where(model.id == row.id, stale).with_for_update(skip_locked=True)
+    ).scalar_subquery()
+    statement = update(model).where(model.id == target).values({column.key: now})
+    if touch_quietly(session, statement.execution_options(synchronize_session=False)):
+        set_committed_value(row, column.key, now)
 
 
 def end_transaction(session: Session) -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, joinedload
-from sqlalchemy.orm.attributes import set_committed_value
 
 from backend.config import Settings
-from backend.db import touch_quietly
+from backend.db import touch_column
 from backend.errors import NotFound
 from backend.models import User, UserSession, utcnow
 from backend.security import random_token, sha256_hex
@@ -88,20 +87,8 @@ def resolve_session(session: Session, settings: Settings, cookie_value: str) -> 
     # Writing on every request would serialize all reads behind SQLite's single writer.
     interval = timedelta(seconds=settings.session_touch_interval_seconds)
     if now - row.last_seen_at >= interval:
-        _touch(session, row, now, interval)
+        touch_column(session, row, UserSession.last_seen_at, now, UserSession.last_seen_at <= now - interval)
     return row
-
-
-def _touch(session: Session, row: UserSession, now: datetime, interval: timedelta) -> None:
-    """Record ``now`` as the session's last use, unless another request is writing it right now."""
-    target = (
-        select(UserSession.id)
-        .where(UserSession.id == row.id, UserSession.last_seen_at <= now - interval)
-        .with_for_update(skip_locked=True)
-    ).scalar_subquery()
-    statement = update(UserSession).where(UserSession.id == target).values(last_seen_at=now)
-    if touch_quietly(session, statement.execution_options(synchronize_session=False)):
-        set_committed_value(row, "last_seen_at", now)
 
 
 def revoke_session(session: Session, row: UserSession) -> None:

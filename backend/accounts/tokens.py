@@ -7,14 +7,13 @@ Only a SHA-256 hash is stored; the plaintext is returned once at creation. The f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, joinedload
-from sqlalchemy.orm.attributes import set_committed_value
 
 from backend.config import Settings
-from backend.db import touch_quietly
+from backend.db import touch_column
 from backend.errors import Invalid, NotFound
 from backend.models import TOKEN_NAME_MAX_LENGTH, ApiToken, TokenKind, User, utcnow
 from backend.security import random_token, sha256_hex
@@ -92,19 +91,9 @@ def resolve_token(session: Session, plaintext: str) -> ApiToken | None:
     if row is None or not row.is_valid(now) or not row.user.is_active:
         return None
     if row.last_used_at is None or now - row.last_used_at >= LAST_USED_RESOLUTION:
-        _touch(session, row, now)
+        stale = or_(ApiToken.last_used_at.is_(None), ApiToken.last_used_at <= now - LAST_USED_RESOLUTION)
+        touch_column(session, row, ApiToken.last_used_at, now, stale)
     return row
-
-
-def _touch(session: Session, row: ApiToken, now: datetime) -> None:
-    """Record ``now`` as the token's last use, unless another request is writing it right now."""
-    stale = or_(ApiToken.last_used_at.is_(None), ApiToken.last_used_at <= now - LAST_USED_RESOLUTION)
-    target = (
-        select(ApiToken.id).where(ApiToken.id == row.id, stale).with_for_update(skip_locked=True)
-    ).scalar_subquery()
-    statement = update(ApiToken).where(ApiToken.id == target).values(last_used_at=now)
-    if touch_quietly(session, statement.execution_options(synchronize_session=False)):
-        set_committed_value(row, "last_used_at", now)
 
 
 def list_personal_tokens(session: Session, user: User) -> list[ApiToken]:
