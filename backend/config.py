@@ -52,6 +52,11 @@ class Settings(BaseSettings):
         description="Requests the web process works on at once (its database pool has as many "
         "connections, plus a few spare); more wait in line.",
     )
+    web_gc_freeze: bool = Field(
+        default=True,
+        description="Move the objects alive once the web process has started out of the cyclic "
+        "garbage collector's reach (gc.freeze), so its full collections do not stall requests.",
+    )
     log_level: str = "INFO"
     log_json: bool = Field(default=False, description="Log one JSON object per line instead of text.")
 

@@ -7,17 +7,19 @@ changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Path, Request, Security
 from fastapi.security import OAuth2PasswordBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from backend import csrf
 from backend.accounts.login import Principal, Viewer, resolve_principal
 from backend.config import Settings
-from backend.db import end_transaction, session_scope
+from backend.db import end_transaction, get_sessionmaker
 from backend.errors import Forbidden, NotFound, Unauthorized
 from backend.models import SESSION_ID_LENGTH, User
 
@@ -31,7 +33,10 @@ RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 SessionId = Annotated[str, Path(min_length=1, max_length=SESSION_ID_LENGTH)]
 
 
-def get_app_settings(request: Request) -> Settings:
+# Dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` dependency in a
+# worker thread, and every such hop costs CPU and a handoff of the GIL between the event loop and
+# a thread, which is what a request's tail latency is made of under load (docs/benchmarks.md).
+async def get_app_settings(request: Request) -> Settings:
     """The settings the application was created with."""
     return request.app.state.settings
 
@@ -39,10 +44,50 @@ def get_app_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """One database session per request, committed at the end or rolled back on error."""
-    with session_scope(request.app.state.settings) as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """One database session per request, committed at the end or rolled back on error.
+
+    Opening a session does no I/O (it connects on first use), so it happens on the event loop.
+    At the end, the commit or rollback runs in a worker thread only when the session holds a
+    transaction or unflushed changes; a request whose work was already committed (authentication
+    ends its own transaction) closes without a thread hop.
+    """
+    session = get_sessionmaker(request.app.state.settings)()
+    try:
         yield session
+    except BaseException:
+        if _holds_work(session):
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(_rollback_and_close, session)
+        else:
+            session.close()
+        raise
+    if _holds_work(session):
+        await run_in_threadpool(_commit_and_close, session)
+    else:
+        session.close()
+
+
+def _holds_work(session: Session) -> bool:
+    """Whether ending ``session`` needs the database: an open transaction or unflushed changes."""
+    return bool(session.in_transaction() or session.new or session.dirty or session.deleted)
+
+
+def _commit_and_close(session: Session) -> None:
+    try:
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def _rollback_and_close(session: Session) -> None:
+    try:
+        session.rollback()
+    finally:
+        session.close()
 
 
 # scope="function": commit before the response is sent, so a failed commit is never reported as success.
@@ -99,7 +144,7 @@ async def require_principal(request: Request, principal: OptionalPrincipal) -> P
 PrincipalDep = Annotated[Principal, Depends(require_principal)]
 
 
-def get_current_user(principal: PrincipalDep) -> User:
+async def get_current_user(principal: PrincipalDep) -> User:
     """The authenticated, active user."""
     return principal.user
 
@@ -107,7 +152,7 @@ def get_current_user(principal: PrincipalDep) -> User:
 CurrentUser = Annotated[User, Depends(get_current_user)]
 
 
-def get_admin_user(user: CurrentUser) -> User:
+async def get_admin_user(user: CurrentUser) -> User:
     """The current user if an administrator; others get 404 so admin objects stay invisible to them."""
     if not user.is_admin:
         raise NotFound()

@@ -33,7 +33,7 @@ from backend.datasets import api as datasets_api
 from backend.datasets import views as datasets_views
 from backend.db import session_scope
 from backend.errors import AppError, ErrorResponse, Unauthorized
-from backend.limits import ConcurrencyLimitMiddleware, configure_threads
+from backend.limits import ConcurrencyLimitMiddleware, configure_threads, freeze_startup_heap
 from backend.middleware import TOO_LARGE_CODE, BodyLimitMiddleware, UnhandledErrorMiddleware
 from backend.observability import HttpMetrics, ObservabilityMiddleware, configure_logging
 from backend.training import api as training_api
@@ -262,6 +262,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Prepare what the first requests would otherwise race for."""
         settings.resolved_secret_key()  # create the key file before the first request races for it
         configure_threads(settings.web_concurrency)
+        if settings.web_gc_freeze:
+            frozen = freeze_startup_heap()
+            logger.debug("froze %d start-up objects out of the garbage collector's full passes", frozen)
         yield
 
     app = FastAPI(

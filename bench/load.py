@@ -150,10 +150,50 @@ async def saturation(base_url: str, clients: int, duration: float, logins: int) 
     return {"reads": reads.summary(elapsed), "login_storm": storm.summary(elapsed), "seconds": elapsed}
 
 
+_BUCKET = re.compile(
+    r"^tessera_http_request_duration_seconds_bucket\{(?P<labels>[^}]*)\} (?P<count>[0-9.e+]+)$", re.MULTILINE
+)
+
+
+async def server_latency_buckets(http: httpx.AsyncClient, route: str) -> dict[float, float]:
+    """The server's own latency histogram for GET ``route`` (cumulative count per bucket bound),
+    read from ``/metrics``: time spent inside the application, without the client or the network."""
+    text_ = (await http.get("/metrics")).text
+    buckets: dict[float, float] = {}
+    for match in _BUCKET.finditer(text_):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match["labels"]))
+        if labels.get("route") == route and labels.get("method") == "GET":
+            bound = float("inf") if labels["le"] == "+Inf" else float(labels["le"])
+            buckets[bound] = buckets.get(bound, 0.0) + float(match["count"])
+    return buckets
+
+
+def server_side_summary(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+    """Requests counted by the server between two scrapes, and the share slower than each bound.
+
+    Prometheus buckets are coarse, so this gives bounds, not exact quantiles: ``p99_at_most_ms``
+    is the smallest bucket bound that holds at least 99 % of the requests."""
+    bounds = sorted(after)
+    counts = {b: after[b] - before.get(b, 0.0) for b in bounds}
+    total = counts[bounds[-1]] if bounds else 0.0
+    p99 = next((b for b in bounds if total and counts[b] >= 0.99 * total), None)
+    return {
+        "requests": int(total),
+        "p99_at_most_ms": None if p99 is None else (None if p99 == float("inf") else round(p99 * 1000, 1)),
+        "share_over_ms": {
+            str(round(b * 1000, 1)): round(1 - counts[b] / total, 5)
+            for b in bounds
+            if total and b != float("inf")
+        },
+    }
+
+
 async def polling(base_url: str, clients: int, duration: float) -> dict[str, Any]:
     """``clients`` pages each asking once a second, spread evenly over the second."""
     token, cookies = await _sign_in(base_url)
     tally = Tally()
+    async with _client(base_url) as http:
+        before = await server_latency_buckets(http, "/api/v1/users/me")
     async with _client(base_url) as bearer_http, _client(base_url, cookies=cookies) as cookie_http:
         headers = {"Authorization": f"Bearer {token}"}
         start = time.perf_counter() + 0.5
@@ -169,7 +209,9 @@ async def polling(base_url: str, clients: int, duration: float) -> dict[str, Any
 
         await asyncio.gather(*(page(i) for i in range(clients)))
         elapsed = time.perf_counter() - start
-    return {"reads": tally.summary(elapsed), "seconds": elapsed}
+    async with _client(base_url) as http:
+        after = await server_latency_buckets(http, "/api/v1/users/me")
+    return {"reads": tally.summary(elapsed), "server": server_side_summary(before, after), "seconds": elapsed}
 
 
 @contextmanager

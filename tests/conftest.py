@@ -100,6 +100,8 @@ def settings(db_url: str, broker_url: str, tmp_path: Path) -> Iterator[Settings]
         secret_key="test-secret-key",
         login_max_failures=5,
         health_broker_timeout_seconds=1.0,
+        # Test processes build hundreds of apps; freezing each one's heap would keep them all.
+        web_gc_freeze=False,
         **FAST_HASHING,
     )
     _empty_all_tables(db_url)

@@ -51,8 +51,9 @@ users_router = APIRouter(prefix="/users", tags=["users"], responses={401: {"mode
 
 
 @users_router.get("/me", response_model=UserRead)
-def read_me(user: CurrentUser) -> UserRead:
+async def read_me(user: CurrentUser) -> UserRead:
     """The account the request is authenticated as."""
+    # No I/O: the user was loaded by authentication (and sessions do not expire on commit).
     return UserRead.model_validate(user)
 
 

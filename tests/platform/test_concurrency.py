@@ -100,3 +100,38 @@ def test_a_read_does_not_wait_for_a_writer_holding_the_lock(settings, make_user)
     assert waited < 5.0
     with session_scope(settings) as session:
         assert session.get(ApiToken, token_id).last_used_at is None
+
+
+def test_a_started_web_process_freezes_its_heap_out_of_full_collections(settings):
+    """With ``web_gc_freeze`` (the default), start-up leaves the objects alive then out of the
+    cyclic collector's full passes, which otherwise stall every request while they walk them."""
+    import gc
+
+    from backend.main import create_app
+
+    async def frozen_after_start(app_settings) -> int:  # noqa: ANN001
+        app = create_app(app_settings)
+        async with app.router.lifespan_context(app):
+            return gc.get_freeze_count()
+
+    gc.unfreeze()
+    try:
+        frozen = anyio.run(frozen_after_start, settings.model_copy(update={"web_gc_freeze": True}))
+    finally:
+        gc.unfreeze()
+    # The application's routes, schemas and modules: far more than a handful of objects.
+    assert frozen > 10_000
+    assert anyio.run(frozen_after_start, settings) == 0  # the tests' settings switch it off
+
+
+def test_the_request_session_still_commits_what_an_endpoint_writes(settings, client, make_user, bearer):
+    """A request whose session holds nothing after authentication closes it on the event loop;
+    one whose endpoint wrote commits it (in a thread) before the response."""
+    user = make_user()
+    headers = bearer(client, user)
+    assert client.get("/api/v1/users/me", headers=headers).status_code == 200
+    created = client.post("/api/v1/tokens", json={"name": "after the change"}, headers=headers)
+    assert created.status_code == 201, created.text
+    with session_scope(settings) as session:
+        names = session.scalars(select(ApiToken.name).where(ApiToken.user_id == user.id)).all()
+    assert "after the change" in names
