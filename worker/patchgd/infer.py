@@ -155,7 +155,9 @@ def patch_evidence(
         probabilities = torch.softmax(model.classify(z).float(), dim=1)[0]
         chosen = int(probabilities.argmax()) if target is None else int(target)
         if not 0 <= chosen < probabilities.shape[0]:
-            raise ValueError(f"target {chosen} is not a class of this model ({probabilities.shape[0]} classes)")
+            raise ValueError(
+                f"target {chosen} is not a class of this model ({probabilities.shape[0]} classes)"
+            )
         fill = z.mean(dim=(2, 3))[0] if baseline == "mean" else torch.zeros_like(z[0, :, 0, 0])
         drops = torch.empty(n * n)
         for start in range(0, n * n, batch_size):
