@@ -255,3 +255,21 @@ def test_a_worker_whose_prediction_was_deleted_writes_nothing(settings, client, 
         assert session.get(Prediction, prediction_id).status == JobStatus.RUNNING
     assert client.delete(f"/api/v1/tasks/{task_id}", headers=auth).status_code == 200
     assert not predictions.finish(settings, Prediction, prediction_id, JobStatus.SUCCEEDED, result={})
+
+
+def test_only_the_prediction_upload_is_exempt_from_the_request_body_limit(settings, client, setup):
+    task_id, auth = setup["task_id"], setup["auth"]
+    succeed(settings, task_id)
+    padding = "x" * (settings.max_request_body_bytes + 1)
+    for path in (f"/api/v1/tasks/{task_id}/evaluations", "/api/v1/tasks"):
+        response = client.post(
+            path,
+            content=f'{{"dataset_id": 1, "pad": "{padding}"}}',
+            headers={**auth, "Content-Type": "application/json"},
+        )
+        assert response.status_code == 413 and "bytes accepted here" in response.json()["detail"], path
+    # The upload's own limit (8 GiB by default) applies instead: a 3 MiB image is accepted.
+    big = image_bytes("BMP", (1100, 1000))
+    assert len(big) > settings.max_request_body_bytes
+    response = upload(client, task_id, auth, big, name="big.bmp")
+    assert response.status_code == 202, response.text
