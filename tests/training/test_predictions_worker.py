@@ -70,6 +70,8 @@ def test_trained_models_predict_explain_evaluate_and_export(
     client = make_client(worker_settings)
     auth = bearer(client, make_user())
     dataset_id = ready_dataset(worker_settings, client, auth, size=64)
+    # Both datasets validated here before the worker starts (it then finds them ready and skips).
+    second = ready_dataset(worker_settings, client, auth, name="more pets", size=64, per_class=6)
     backbone_id = builtin_backbone(worker_settings)
     processes.start("worker")
     tasks = {}
@@ -192,7 +194,6 @@ def test_trained_models_predict_explain_evaluate_and_export(
     assert "no per-patch heatmap" in panel and "heatmap.png" not in panel
 
     # Evaluation on a second dataset with the same classes.
-    second = ready_dataset(worker_settings, client, auth, name="more pets", size=64, per_class=6)
     response = client.post(f"/api/v1/tasks/{patchgd}/evaluations", json={"dataset_id": second}, headers=auth)
     assert response.status_code == 202, response.text
     evaluation = finished(
