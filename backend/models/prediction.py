@@ -65,6 +65,8 @@ class Prediction(Base):
     #: ``image``, ``thumbnail``, ``heatmap``: paths relative to the data dir (those that exist).
     files: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: When its message was last sent (the re-dispatcher sends again a job left queued too long).
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
 
@@ -88,5 +90,7 @@ class Evaluation(Base):
     result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: When its message was last sent (the re-dispatcher sends again a job left queued too long).
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)

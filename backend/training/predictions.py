@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,7 @@ def create_prediction(
         result={},
         error="",
         files={},
+        dispatched_at=utcnow(),
     )
     session.add(prediction)
     session.flush()
@@ -220,6 +222,7 @@ def create_evaluation(
         status=JobStatus.QUEUED,
         result={},
         error="",
+        dispatched_at=utcnow(),
     )
     session.add(evaluation)
     session.flush()
@@ -319,3 +322,51 @@ def finish(
             update(model).where(model.id == job_id, model.status == JobStatus.RUNNING).values(**values)
         ).rowcount  # type: ignore[attr-defined]
     return done == 1
+
+
+#: Message name of each job kind.
+JOB_NAMES = {Prediction: PREDICTIONS_RUN, Evaluation: EVALUATIONS_RUN}
+
+
+def keep_jobs_moving(
+    session: Session, settings: Settings, now: datetime | None = None
+) -> dict[str, list[int]]:
+    """The re-dispatcher's pass over predictions and evaluations (Celery beat, with the tasks'):
+    a job still queued ``task_redispatch_after_seconds`` after its last message is sent again (a
+    failed enqueue, a lost message; a duplicate finds it claimed), and one running longer than
+    ``prediction_timeout_seconds`` is failed with the reason (its worker died)."""
+    now = now or utcnow()
+    resend_before = now - timedelta(seconds=settings.task_redispatch_after_seconds)
+    give_up_before = now - timedelta(seconds=settings.prediction_timeout_seconds)
+    outcome: dict[str, list[int]] = {"resent": [], "failed": []}
+    for model, name in JOB_NAMES.items():
+        stale = session.scalars(
+            select(model.id).where(model.status == JobStatus.QUEUED, model.dispatched_at < resend_before)
+        ).all()
+        for job_id in stale:
+            sent = session.execute(
+                update(model)
+                .where(
+                    model.id == job_id, model.status == JobStatus.QUEUED, model.dispatched_at < resend_before
+                )
+                .values(dispatched_at=now)
+            ).rowcount  # type: ignore[attr-defined]
+            if sent:
+                outcome["resent"].append(job_id)
+                enqueue_after_commit(session, settings, name, job_id)
+        hours = settings.prediction_timeout_seconds / 3600
+        reason = f"No result {hours:g} h after a worker started it: the worker stopped. Try again."
+        lost = session.scalars(
+            select(model.id).where(model.status == JobStatus.RUNNING, model.started_at < give_up_before)
+        ).all()
+        for job_id in lost:
+            if session.execute(
+                update(model)
+                .where(
+                    model.id == job_id, model.status == JobStatus.RUNNING, model.started_at < give_up_before
+                )
+                .values(status=JobStatus.FAILED, finished_at=now, error=reason)
+            ).rowcount:  # type: ignore[attr-defined]
+                outcome["failed"].append(job_id)
+    session.flush()
+    return outcome

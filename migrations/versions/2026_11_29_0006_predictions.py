@@ -55,6 +55,7 @@ def upgrade() -> None:
         sa.Column("error", sa.Text(), nullable=False),
         sa.Column("files", sa.JSON(), nullable=False),
         sa.Column("created_at", TZ, nullable=False),
+        sa.Column("dispatched_at", TZ, nullable=True),
         sa.Column("started_at", TZ, nullable=True),
         sa.Column("finished_at", TZ, nullable=True),
         *_owner_and_task("predictions"),
@@ -73,6 +74,7 @@ def upgrade() -> None:
         sa.Column("result", sa.JSON(), nullable=False),
         sa.Column("error", sa.Text(), nullable=False),
         sa.Column("created_at", TZ, nullable=False),
+        sa.Column("dispatched_at", TZ, nullable=True),
         sa.Column("started_at", TZ, nullable=True),
         sa.Column("finished_at", TZ, nullable=True),
         sa.ForeignKeyConstraint(

@@ -273,3 +273,38 @@ def test_only_the_prediction_upload_is_exempt_from_the_request_body_limit(settin
     assert len(big) > settings.max_request_body_bytes
     response = upload(client, task_id, auth, big, name="big.bmp")
     assert response.status_code == 202, response.text
+
+
+def test_jobs_left_queued_are_sent_again_and_lost_ones_fail(settings, client, setup):
+    from datetime import timedelta
+
+    from backend.models import Evaluation
+    from backend.models.base import utcnow
+
+    task_id, auth = setup["task_id"], setup["auth"]
+    succeed(settings, task_id)
+    queued = upload(client, task_id, auth).json()["id"]
+    lost = upload(client, task_id, auth).json()["id"]
+    evaluation = client.post(
+        f"/api/v1/tasks/{task_id}/evaluations", json={"dataset_id": setup["dataset_id"]}, headers=auth
+    ).json()["id"]
+    assert predictions.claim(settings, Prediction, lost)
+    with session_scope(settings) as session:
+        # Just sent: nothing to do yet.
+        assert predictions.keep_jobs_moving(session, settings) == {"resent": [], "failed": []}
+    later = utcnow() + timedelta(seconds=settings.task_redispatch_after_seconds + 1)
+    with session_scope(settings) as session:
+        assert predictions.keep_jobs_moving(session, settings, later) == {
+            "resent": [queued, evaluation],
+            "failed": [],
+        }
+        # Sent again just now: not again at once.
+        assert predictions.keep_jobs_moving(session, settings, later)["resent"] == []
+    much_later = utcnow() + timedelta(seconds=settings.prediction_timeout_seconds + 1)
+    with session_scope(settings) as session:
+        outcome = predictions.keep_jobs_moving(session, settings, much_later)
+    assert outcome["failed"] == [lost] and sorted(outcome["resent"]) == sorted([queued, evaluation])
+    body = client.get(f"/api/v1/tasks/{task_id}/predictions/{lost}", headers=auth).json()
+    assert body["status"] == "failed" and "the worker stopped" in body["error"]
+    with session_scope(settings) as session:
+        assert session.get(Evaluation, evaluation).status == JobStatus.QUEUED
