@@ -133,6 +133,17 @@ class Settings(BaseSettings):
     max_weights_upload_bytes: int = Field(
         default=2 * 1024**3, ge=1, description="Largest backbone weights file accepted for upload."
     )
+    max_prediction_upload_bytes: int = Field(
+        default=8 * 1024**3,
+        ge=1,
+        description="Largest image (a slide included) accepted for a prediction, in bytes.",
+    )
+    prediction_timeout_seconds: float = Field(
+        default=6 * 3600.0,
+        gt=0,
+        description="A prediction or evaluation still running this long after it started is failed "
+        "(its worker died); one left queued is sent again like a task.",
+    )
     max_archive_members: int = Field(default=200_000, ge=1)
     max_extracted_bytes: int = Field(default=200 * 1024**3, ge=1)
     max_compression_ratio: float = Field(default=200.0, gt=1)

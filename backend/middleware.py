@@ -6,11 +6,13 @@ answered 413 before a byte of the body is read, and the chunks of a body sent wi
 (chunked transfer) are counted as the application reads them, so at most one chunk past the limit
 is ever read. Streamed uploads (dataset archives, backbone weights) are the exception: a route
 that reads its body as a stream and enforces its own limits (``max_upload_bytes``...) is exempted
-by listing its path prefix in :data:`STREAMED_BODY_PATH_PREFIXES`.
+by listing its path prefix in :data:`STREAMED_BODY_PATH_PREFIXES` (or, for a POST under a route
+whose other bodies stay limited, its exact path in :data:`STREAMED_BODY_PATHS`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 
 from starlette.exceptions import HTTPException
@@ -24,6 +26,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 #: its POST (the weights upload, ``max_weights_upload_bytes``) has a body; a JSON route added under
 #: either must bound its own body or move the entry to the upload's path.
 STREAMED_BODY_PATH_PREFIXES: tuple[str, ...] = ("/api/v1/datasets", "/api/v1/backbones")
+#: Exact paths (patterns) of other streamed uploads: an image to predict on, POSTed to
+#: ``/api/v1/tasks/<id>/predictions`` (``max_prediction_upload_bytes``).
+STREAMED_BODY_PATHS: tuple[re.Pattern[str], ...] = (re.compile(r"/api/v1/tasks/\d{1,18}/predictions"),)
 
 TOO_LARGE_CODE = "too_large"
 
@@ -41,15 +46,19 @@ class BodyLimitMiddleware:
         app: ASGIApp,
         max_bytes: int,
         exempt_prefixes: tuple[str, ...] = STREAMED_BODY_PATH_PREFIXES,
+        exempt_paths: tuple[re.Pattern[str], ...] = STREAMED_BODY_PATHS,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.exempt_prefixes = exempt_prefixes
+        self.exempt_paths = exempt_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Check the declared length up front, then count what the application reads."""
+        path = scope.get("path", "")
         if scope["type"] != "http" or (
-            self.exempt_prefixes and scope.get("path", "").startswith(self.exempt_prefixes)
+            (self.exempt_prefixes and path.startswith(self.exempt_prefixes))
+            or (scope.get("method") == "POST" and any(p.fullmatch(path) for p in self.exempt_paths))
         ):
             await self.app(scope, receive, send)
             return

@@ -103,6 +103,10 @@ MEMORY_PLAN = "memory.plan"
 TRAINING_TRAIN = "training.train"
 #: Export a finished task's model in one format (TorchScript, ONNX) on demand; default queue.
 TRAINING_EXPORT = "training.export"
+#: Predict one uploaded image with a finished task's model (a prediction id); light queue.
+PREDICTIONS_RUN = "predictions.run"
+#: Evaluate a finished task's model on another dataset (an evaluation id); light queue.
+EVALUATIONS_RUN = "evaluations.run"
 #: Periodic (Celery beat): requeue running tasks whose lease expired (or fail them after max attempts).
 TRAINING_REAP = "training.reap"
 #: Periodic (Celery beat): send again the tasks left queued too long (a lost or unsent message).
@@ -119,6 +123,8 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     TRAINING_TRAIN: {"queue": TRAINING_QUEUE},
     TRAINING_REAP: {"queue": LIGHT_QUEUE},
     TRAINING_REDISPATCH: {"queue": LIGHT_QUEUE},
+    PREDICTIONS_RUN: {"queue": LIGHT_QUEUE},
+    EVALUATIONS_RUN: {"queue": LIGHT_QUEUE},
 }
 
 

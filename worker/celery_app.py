@@ -36,6 +36,7 @@ TASK_MODULES = [
     "worker.tasks.datasets",
     "worker.tasks.backbones",
     "worker.tasks.training",
+    "worker.tasks.predictions",
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -62,9 +63,12 @@ def too_large_message(limit: int) -> str:
 class _Receiver:
     """python-multipart callbacks that fill a :class:`ReceivedUpload`."""
 
-    def __init__(self, incoming: Path, max_file_bytes: int) -> None:
+    def __init__(
+        self, incoming: Path, max_file_bytes: int, too_large: Callable[[int], str] = too_large_message
+    ) -> None:
         self.incoming = incoming
         self.max_file_bytes = max_file_bytes
+        self.too_large = too_large
         self.result = ReceivedUpload()
         self._digest = hashlib.sha256()
         self._header_field = b""
@@ -112,7 +116,7 @@ class _Receiver:
         if self._file is not None and self._field_name == "file" and not self._file.closed:
             self.result.size += len(chunk)
             if self.result.size > self.max_file_bytes:
-                raise UploadTooLarge(too_large_message(self.max_file_bytes), headers={"Connection": "close"})
+                raise UploadTooLarge(self.too_large(self.max_file_bytes), headers={"Connection": "close"})
             self._digest.update(chunk)
             self._file.write(chunk)
             return
@@ -132,16 +136,28 @@ class _Receiver:
             self._file.close()
 
 
-async def receive_upload(request: Request, data_dir: Path, max_file_bytes: int) -> ReceivedUpload:
-    """Stream the request's ``multipart/form-data`` body to disk; the caller owns the returned file."""
+async def receive_upload(
+    request: Request,
+    data_dir: Path,
+    max_file_bytes: int,
+    *,
+    incoming: Path | None = None,
+    too_large: Callable[[int], str] = too_large_message,
+    expected_fields: str = "name, architecture and file",
+) -> ReceivedUpload:
+    """Stream the request's ``multipart/form-data`` body to disk; the caller owns the returned file.
+
+    The file goes to ``incoming`` (default ``<data_dir>/backbones/incoming``); ``too_large`` words
+    the 413 from the limit, ``expected_fields`` the 400 for a body that is not a form.
+    """
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or not options.get(b"boundary"):
-        raise Invalid("Send the weights as multipart/form-data with the fields name, architecture and file.")
+        raise Invalid(f"Send multipart/form-data with the fields {expected_fields}.")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_file_bytes + MULTIPART_OVERHEAD_BYTES:
         # Refused before a byte of the body is read.
-        raise UploadTooLarge(too_large_message(max_file_bytes), headers={"Connection": "close"})
-    receiver = _Receiver(data_dir / "backbones" / INCOMING_DIR, max_file_bytes)
+        raise UploadTooLarge(too_large(max_file_bytes), headers={"Connection": "close"})
+    receiver = _Receiver(incoming or data_dir / "backbones" / INCOMING_DIR, max_file_bytes, too_large)
     parser = MultipartParser(
         options[b"boundary"],
         {

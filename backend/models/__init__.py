@@ -5,6 +5,7 @@ from backend.models.backbone import BACKBONE_NAME_MAX_LENGTH, Backbone, Backbone
 from backend.models.base import Base, utcnow
 from backend.models.dataset import DATASET_NAME_MAX_LENGTH, Dataset, DatasetStatus
 from backend.models.login_attempt import LoginAttempt
+from backend.models.prediction import PREDICTION_FILENAME_MAX_LENGTH, Evaluation, JobStatus, Prediction
 from backend.models.task import TASK_NAME_MAX_LENGTH, TERMINAL_STATUSES, Task, TaskMetric, TaskStatus
 from backend.models.user import USERNAME_MAX_LENGTH, Role, User
 from backend.models.user_session import SESSION_ID_LENGTH, UserSession
@@ -12,6 +13,7 @@ from backend.models.user_session import SESSION_ID_LENGTH, UserSession
 __all__ = [
     "BACKBONE_NAME_MAX_LENGTH",
     "DATASET_NAME_MAX_LENGTH",
+    "PREDICTION_FILENAME_MAX_LENGTH",
     "SESSION_ID_LENGTH",
     "TASK_NAME_MAX_LENGTH",
     "TERMINAL_STATUSES",
@@ -22,8 +24,11 @@ __all__ = [
     "BackboneStatus",
     "Dataset",
     "DatasetStatus",
+    "Evaluation",
+    "JobStatus",
     "Base",
     "LoginAttempt",
+    "Prediction",
     "Role",
     "Task",
     "TaskMetric",

@@ -1,4 +1,5 @@
-"""Training task routes under /api/v1: create, list, read, metrics, cancel, retry, clone, delete.
+"""Training task routes under /api/v1: create, list, read, metrics, cancel, retry, clone, delete,
+model downloads, and using the model: predictions on uploaded images and evaluations on datasets.
 
 Routes parse, call one service function, and return; the request owns the transaction. Another
 user's task is a 404 on every route.
@@ -8,17 +9,26 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, status
+from fastapi import APIRouter, Depends, Path, Query, Request, status
 from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
-from backend import paths  # noqa: F401  (registers the ``row_id`` path convertor)
-from backend.deps import CurrentUser, RowId, SessionDep, SettingsDep
-from backend.errors import ErrorResponse
-from backend.training import service
+from backend import (
+    csrf,
+    paths,  # noqa: F401  (registers the ``row_id`` path convertor)
+)
+from backend.backbones.uploads import receive_upload
+from backend.deps import CurrentUser, OptionalPrincipal, RowId, SessionDep, SettingsDep
+from backend.errors import ErrorResponse, Forbidden, Unauthorized
+from backend.models import User
+from backend.training import predictions, service
 from backend.training.schemas import (
+    EvaluationCreate,
+    EvaluationRead,
     ModelExporting,
     PlanRequest,
     PlanStatus,
+    PredictionRead,
     TaskClone,
     TaskCreate,
     TaskDeleted,
@@ -191,3 +201,177 @@ def download_model(
         media_type=service.EXPORT_MEDIA_TYPES[format],
         filename=f"task-{task_id}-{path.name}",
     )
+
+
+# Using the model: predictions and evaluations.
+
+_PREDICT_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {
+                    "file": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "PNG, JPEG, TIFF (pyramidal included), BMP, WebP, or a slide "
+                        "(.svs, .ndpi, .scn, .bif).",
+                    }
+                },
+            }
+        }
+    },
+}
+
+
+def streamed_upload_user(request: Request, principal: OptionalPrincipal) -> User:
+    """The caller of a streamed upload; a browser session's CSRF token must be in the header
+    (the body is a stream, never parsed as a form to look for it)."""
+    if principal is None:
+        raise Unauthorized(headers={"WWW-Authenticate": "Bearer"})
+    if principal.session is not None and not csrf.matches(
+        principal.session.csrf_secret, request.headers.get(csrf.CSRF_HEADER, "")
+    ):
+        raise Forbidden(
+            "The upload did not carry this session's CSRF token in the X-CSRF-Token header. "
+            "Reload the page and try again."
+        )
+    return principal.user
+
+
+@router.post(
+    "/{task_id:row_id}/predictions",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=PredictionRead,
+    openapi_extra={"requestBody": _PREDICT_BODY},
+    responses={
+        400: {"model": ErrorResponse},
+        403: {"model": ErrorResponse},
+        **NOT_FOUND,
+        **CONFLICT,
+        413: {"model": ErrorResponse},
+    },
+)
+async def create_prediction(
+    task_id: RowId,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    user: Annotated[User, Depends(streamed_upload_user)],
+) -> PredictionRead:
+    """Predict on an image of any size (multipart field `file`), slides included: answers 202
+    `queued`, and a worker reads the image (streamed when it is large or pyramidal), resamples it
+    to the task's training resolution and writes the class probabilities, a thumbnail and, for
+    PatchGD, the per-patch evidence heatmap. Poll `GET .../predictions/{id}`. Over
+    `max_prediction_upload_bytes` is a 413; nothing of a refused upload is kept. An image the
+    worker cannot read ends `failed` with the reason."""
+    await run_in_threadpool(predictions.check_can_predict, settings, user.id, task_id)
+    received = await receive_upload(
+        request,
+        settings.data_dir,
+        settings.max_prediction_upload_bytes,
+        incoming=predictions.incoming_dir(settings, task_id),
+        too_large=predictions.too_large_message,
+        expected_fields="file",
+    )
+    try:
+        row = predictions.create_prediction(
+            session,
+            settings,
+            user,
+            task_id,
+            upload=received.path,
+            filename=received.filename,
+            size=received.size,
+            sha256=received.sha256,
+        )
+    except BaseException:
+        received.discard()
+        raise
+    return PredictionRead.of(row)
+
+
+@router.get("/{task_id:row_id}/predictions", response_model=list[PredictionRead], responses=NOT_FOUND)
+def list_predictions(task_id: RowId, user: CurrentUser, session: SessionDep) -> list[PredictionRead]:
+    """The task's predictions, newest first."""
+    task = service.get_task(session, user, task_id)
+    return [PredictionRead.of(p) for p in predictions.list_predictions(session, task)]
+
+
+@router.get(
+    "/{task_id:row_id}/predictions/{prediction_id:row_id}", response_model=PredictionRead, responses=NOT_FOUND
+)
+def read_prediction(
+    task_id: RowId, prediction_id: RowId, user: CurrentUser, session: SessionDep
+) -> PredictionRead:
+    """One prediction: status, class probabilities by class name, evidence grid, error."""
+    return PredictionRead.of(predictions.get_prediction(session, user, task_id, prediction_id))
+
+
+def _prediction_image(session, settings, user, task_id: int, prediction_id: int, kind: str) -> FileResponse:  # noqa: ANN001
+    row = predictions.get_prediction(session, user, task_id, prediction_id)
+    path = predictions.prediction_file(settings, row, kind)
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+_PNG = {200: {"content": {"image/png": {}}}, **NOT_FOUND}
+
+
+@router.get(
+    "/{task_id:row_id}/predictions/{prediction_id:row_id}/heatmap.png",
+    response_class=FileResponse,
+    responses=_PNG,
+)
+def prediction_heatmap(
+    task_id: RowId, prediction_id: RowId, user: CurrentUser, session: SessionDep, settings: SettingsDep
+) -> FileResponse:
+    """The evidence heatmap of a PatchGD prediction, over the image's thumbnail (404 for a
+    baseline model, which has none)."""
+    return _prediction_image(session, settings, user, task_id, prediction_id, "heatmap")
+
+
+@router.get(
+    "/{task_id:row_id}/predictions/{prediction_id:row_id}/thumbnail.png",
+    response_class=FileResponse,
+    responses=_PNG,
+)
+def prediction_thumbnail(
+    task_id: RowId, prediction_id: RowId, user: CurrentUser, session: SessionDep, settings: SettingsDep
+) -> FileResponse:
+    """A small copy of the image predicted on."""
+    return _prediction_image(session, settings, user, task_id, prediction_id, "thumbnail")
+
+
+@router.post(
+    "/{task_id:row_id}/evaluations",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=EvaluationRead,
+    responses={**NOT_FOUND, **CONFLICT, 422: {"model": ErrorResponse}},
+)
+def create_evaluation(
+    task_id: RowId, body: EvaluationCreate, user: CurrentUser, session: SessionDep, settings: SettingsDep
+) -> EvaluationRead:
+    """Evaluate the task's model on another of your ready datasets with the same class names
+    (else 422): a worker computes accuracy, QWK, per-class recall and the confusion matrix on
+    the dataset's held-out split (test, else val; all of it when it has none). Poll the result."""
+    row = predictions.create_evaluation(session, settings, user, task_id, body.dataset_id)
+    return EvaluationRead.model_validate(row)
+
+
+@router.get("/{task_id:row_id}/evaluations", response_model=list[EvaluationRead], responses=NOT_FOUND)
+def list_evaluations(task_id: RowId, user: CurrentUser, session: SessionDep) -> list[EvaluationRead]:
+    """The task's evaluations, newest first."""
+    task = service.get_task(session, user, task_id)
+    return [EvaluationRead.model_validate(e) for e in predictions.list_evaluations(session, task)]
+
+
+@router.get(
+    "/{task_id:row_id}/evaluations/{evaluation_id:row_id}", response_model=EvaluationRead, responses=NOT_FOUND
+)
+def read_evaluation(
+    task_id: RowId, evaluation_id: RowId, user: CurrentUser, session: SessionDep
+) -> EvaluationRead:
+    """One evaluation: status, metrics, error."""
+    return EvaluationRead.model_validate(predictions.get_evaluation(session, user, task_id, evaluation_id))

@@ -176,3 +176,75 @@ class PlanStatus(BaseModel):
     token: str
     status: Literal["planning", "done"]
     report: dict[str, Any] | None = None
+
+
+class PredictionRead(BaseModel):
+    """A prediction: ``status`` (queued, running, succeeded, failed), ``error`` when it failed.
+
+    ``result`` once it succeeded: ``classes``, ``probabilities`` (class name → probability),
+    ``predicted``, ``input`` (the image's size, pyramid level read, whether it was streamed) and,
+    for a PatchGD model, ``evidence``: the per-cell evidence grid (``cells[row][col]``, the drop
+    of the predicted class's probability when that cell's latent is occluded by the image's mean
+    latent). ``heatmap_url`` and ``thumbnail_url`` are set when those images exist.
+    """
+
+    id: int
+    task_id: int
+    status: str
+    filename: str
+    size_bytes: int
+    result: dict[str, Any]
+    error: str
+    heatmap_url: str | None
+    thumbnail_url: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, row: Any) -> PredictionRead:
+        """The API view of a row."""
+        base = f"/api/v1/tasks/{row.task_id}/predictions/{row.id}"
+        files = row.files or {}
+        return cls(
+            id=row.id,
+            task_id=row.task_id,
+            status=row.status.value,
+            filename=row.filename,
+            size_bytes=row.size_bytes,
+            result=row.result or {},
+            error=row.error,
+            heatmap_url=f"{base}/heatmap.png" if files.get("heatmap") else None,
+            thumbnail_url=f"{base}/thumbnail.png" if files.get("thumbnail") else None,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
+
+
+class EvaluationCreate(BaseModel):
+    """Which dataset to evaluate the task's model on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: int = Field(ge=1, le=MAX_ROW_ID)
+
+
+class EvaluationRead(BaseModel):
+    """An evaluation: ``status``, ``error`` when it failed, and once it succeeded ``result``:
+    ``split`` (``test`` or ``val``: the dataset's held-out split; ``all`` when it has none),
+    ``accuracy``, ``qwk``, ``per_class_recall``, ``confusion_matrix`` (rows: true class),
+    ``classes``, ``num_samples``, ``loss``."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    task_id: int
+    dataset_id: int | None
+    dataset_name: str
+    status: str
+    result: dict[str, Any]
+    error: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None

@@ -16,8 +16,8 @@ from backend.datasets import service as datasets
 from backend.deps import CurrentUser, RowId, SessionDep, SettingsDep
 from backend.errors import AppError
 from backend.models import DatasetStatus, TaskMetric
-from backend.training import service
-from backend.training.schemas import TaskRead
+from backend.training import predictions, service
+from backend.training.schemas import EvaluationRead, PredictionRead, TaskRead
 from backend.ui.templating import flash, render
 from worker.patchgd.config import ALGORITHMS
 
@@ -290,3 +290,70 @@ def delete_page(
     name = service.get_task(session, user, task_id).name
     service.delete_task(session, settings, user, task_id)
     return _action(request, task_id, f"Task {name!r} deleted.", target="/tasks")
+
+
+# Using the model: the prediction and evaluation panels of a task's page. Each section loads its
+# panel with HTMX and the panel polls itself while one of its jobs is queued or running. The
+# image upload goes to the streamed API route (frontend/static/js/predict.js, CSRF in the header).
+
+
+def _bars(probabilities: dict[str, float]) -> list[dict[str, Any]]:
+    """Class probabilities as SVG bars, most likely first."""
+    ordered = sorted(probabilities.items(), key=lambda item: -item[1])
+    return [{"name": name, "percent": round(100 * p, 1)} for name, p in ordered]
+
+
+@router.get("/tasks/{task_id:row_id}/predictions/panel")
+def predictions_panel(request: Request, task_id: RowId, user: CurrentUser, session: SessionDep) -> Response:
+    """The task's predictions: probabilities as bars, the heatmap over the thumbnail, errors."""
+    task = service.get_task(session, user, task_id)
+    rows = [PredictionRead.of(p) for p in predictions.list_predictions(session, task)]
+    bars = {r.id: _bars(r.result.get("probabilities", {})) for r in rows if r.status == "succeeded"}
+    context = {
+        "task": task,
+        "rows": rows,
+        "bars": bars,
+        "pending": any(r.status in predictions.ACTIVE_NAMES for r in rows),
+    }
+    return render(request, "training/predictions_panel.html", context)
+
+
+@router.get("/tasks/{task_id:row_id}/evaluations/panel")
+def evaluations_panel(request: Request, task_id: RowId, user: CurrentUser, session: SessionDep) -> Response:
+    """The task's evaluations and the form to start one on a ready dataset."""
+    task = service.get_task(session, user, task_id)
+    rows = [EvaluationRead.model_validate(e) for e in predictions.list_evaluations(session, task)]
+    ready = [d for d in datasets.list_datasets(session, user) if d.status == DatasetStatus.READY]
+    context = {
+        "task": task,
+        "rows": rows,
+        "datasets": ready,
+        "classes": predictions.task_classes(session, task),
+        "pending": any(r.status in predictions.ACTIVE_NAMES for r in rows),
+    }
+    return render(request, "training/evaluations_panel.html", context)
+
+
+@router.post("/tasks/{task_id:row_id}/evaluations")
+def evaluate_from_form(
+    request: Request,
+    task_id: RowId,
+    user: CurrentUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    dataset_id: Annotated[str, Form()] = "",
+) -> Response:
+    """Start an evaluation from the task's page; a refusal is shown as a message on the page."""
+    service.get_task(session, user, task_id)  # another user's task is a 404, not a message
+    target = f"/tasks/{task_id}#evaluations"
+    if not dataset_id.strip().isdigit():
+        response = RedirectResponse(target, status_code=303)
+        flash(response, request, "error", "Choose a dataset to evaluate on.")
+        return response
+    try:
+        evaluation = predictions.create_evaluation(session, settings, user, task_id, int(dataset_id))
+    except AppError as exc:
+        response = RedirectResponse(target, status_code=303)
+        flash(response, request, "error", str(exc.detail))
+        return response
+    return _action(request, task_id, f"Evaluating on {evaluation.dataset_name!r}…", target=target)

@@ -105,8 +105,12 @@ def test_patchgd_export_round_trips_in_every_format(tmp_path: Path) -> None:
     meta = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert meta["algorithm"] == "patchgd" and meta["config"]["patch_size"] == 16
 
-    # ONNX: any batch size at the training resolution.
-    session = onnxruntime.InferenceSession(str(tmp_path / ONNX_FILE), providers=["CPUExecutionProvider"])
+    # ONNX: one self-contained file (what a download serves: no external-data file beside it),
+    # any batch size at the training resolution.
+    assert sorted(p.name for p in tmp_path.glob("*onnx*")) == [ONNX_FILE]
+    session = onnxruntime.InferenceSession(
+        (tmp_path / ONNX_FILE).read_bytes(), providers=["CPUExecutionProvider"]
+    )
     (logits,) = session.run(["logits"], {"images": images.numpy()})
     assert logits.shape == (3, 3)
     assert np.allclose(torch.softmax(torch.from_numpy(logits), dim=1).numpy(), expected.numpy(), atol=1e-4)

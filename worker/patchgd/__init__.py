@@ -6,7 +6,8 @@ The names below are the engine's public surface; everything a training task need
 
 - configs: ``PatchGDConfig``, ``BaselineConfig``, ``config_from_dict``, ``list_backbones``
 - data: ``scan_dataset``, ``make_loaders``, ``open_region_reader``, ``StreamingPatchSource``
-- training and use: ``train``, ``evaluate``, ``predict``, ``export_all``, ``load_model``
+- training and use: ``train``, ``evaluate``, ``predict``, ``patch_evidence`` (per-cell evidence of
+  a PatchGD prediction, ``PatchEvidence``), ``export_all``, ``load_model``
 - memory: ``plan`` (both algorithms), ``plan_patchgd``, ``plan_baseline``
 - errors: ``EngineError`` and its subclasses ``ConfigError``, ``DatasetError``, ``ImageError``,
   ``WeightsError``, ``CheckpointError``, ``ExportError``; catch ``EngineError`` to tell a user's
@@ -42,7 +43,7 @@ from .errors import (
 if TYPE_CHECKING:
     from .data import StreamingPatchSource, make_loaders, open_region_reader, scan_dataset
     from .export import export_all, load_model
-    from .infer import predict
+    from .infer import PatchEvidence, patch_evidence, predict
     from .memory import plan, plan_baseline, plan_patchgd
     from .train import evaluate, train
 
@@ -55,6 +56,8 @@ _LAZY: dict[str, str] = {
     "train": "train",
     "evaluate": "train",
     "predict": "infer",
+    "patch_evidence": "infer",
+    "PatchEvidence": "infer",
     "export_all": "export",
     "load_model": "export",
     "plan": "memory",
@@ -70,6 +73,7 @@ __all__ = [
     "EngineError",
     "ExportError",
     "ImageError",
+    "PatchEvidence",
     "PatchGDConfig",
     "StreamingPatchSource",
     "WeightsError",
@@ -80,6 +84,7 @@ __all__ = [
     "load_model",
     "make_loaders",
     "open_region_reader",
+    "patch_evidence",
     "plan",
     "plan_baseline",
     "plan_patchgd",

@@ -32,6 +32,8 @@ CONFIG_FILE = "config.json"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 ONNX_FILE = "model.onnx"
 FORMATS = ("safetensors", "torchscript", "onnx")
+#: Weights up to this size are stored inside the ONNX file (protobuf refuses messages over 2 GiB).
+ONNX_INLINE_LIMIT_BYTES = 1_800_000_000
 
 
 def _example_input(cfg: PatchGDConfig | BaselineConfig, batch: int = 1, seed: int = 0) -> torch.Tensor:
@@ -148,19 +150,23 @@ def export_onnx(model: nn.Module, cfg: PatchGDConfig | BaselineConfig, out_dir: 
     """Write an ONNX model (fixed image size, dynamic batch) with the ``torch.export`` exporter.
 
     The ``dynamo=True`` exporter is the maintained one and works offline; its input is named
-    ``images`` and its output ``logits``.
+    ``images`` and its output ``logits``. The weights are stored inside the one ``.onnx`` file
+    (a download is a single file), unless they pass protobuf's 2 GiB limit: then they go to
+    ``model.onnx.data`` beside it, which must travel with it.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = _cpu_eval_copy(model)
     path = out / ONNX_FILE
     example = _example_input(cfg, batch=2)
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     try:
         torch.onnx.export(
             model,
             (example,),
             str(path),
             dynamo=True,
+            external_data=weight_bytes > ONNX_INLINE_LIMIT_BYTES,
             input_names=["images"],
             output_names=["logits"],
             dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=1024)}},

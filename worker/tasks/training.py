@@ -335,15 +335,20 @@ def reap_tasks() -> dict[str, list[int]]:
 
 @celery_app.task(name=TRAINING_REDISPATCH)
 def redispatch_tasks() -> list[int]:
-    """Send again the tasks left queued too long (Celery beat)."""
+    """Send again the tasks left queued too long, and the predictions and evaluations; fail the
+    ones whose worker died (Celery beat)."""
     from backend.db import session_scope
-    from backend.training import service
+    from backend.training import predictions, service
 
     settings = get_settings()
     with session_scope(settings) as session:
         sent = service.redispatch(session, settings)
     if sent:
         logger.info("re-dispatched tasks %s", sent)
+    with session_scope(settings) as session:
+        jobs = predictions.keep_jobs_moving(session, settings)
+    if jobs["resent"] or jobs["failed"]:
+        logger.warning("predictions and evaluations: %s", jobs)
     return sent
 
 
