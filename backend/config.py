@@ -44,7 +44,14 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     worker_concurrency: int = Field(
-        default=1, ge=1, description="Celery worker processes started by `serve`."
+        default=1,
+        ge=1,
+        description="Training runs `serve`'s training worker (and `tessera worker`) runs at once.",
+    )
+    light_worker_concurrency: int = Field(
+        default=2,
+        ge=1,
+        description="Processes of `serve`'s light worker (plans, validations, measurements, the reaper).",
     )
     web_concurrency: int = Field(
         default=32,

@@ -48,8 +48,8 @@ DEFAULT_QUEUE = "celery"
 #: Queue of short jobs (validating an upload, measuring a backbone, demo data) that must not wait
 #: behind a training run; every worker consumes it unless started with ``-Q`` for one queue only.
 LIGHT_QUEUE = "tessera.light"
-#: Queue of training runs (``training.train``); `tessera serve`'s worker consumes it with the others,
-#: and a GPU machine can run a worker for it alone (``-Q tessera.training``).
+#: Queue of training runs (``training.train``); `tessera serve` runs a worker for it alone (one run at
+#: a time) beside a light worker for the other queues; a GPU machine can do the same (``-Q tessera.training``).
 TRAINING_QUEUE = "tessera.training"
 #: Queue that ``/healthz`` declares to prove a real round trip to the broker; no worker reads it.
 HEALTH_QUEUE = "tessera.health"
@@ -97,7 +97,8 @@ DATASETS_DEMO = "datasets.demo"
 DATASETS_PRUNE_UPLOADS = "datasets.prune_uploads"
 BACKBONES_VALIDATE = "backbones.validate"
 BACKBONES_MEASURE = "backbones.measure"
-#: Runs on the default queue: a plan is measured on the kind of worker that will train.
+#: Plan a run under a memory budget (both algorithms); on the light queue, so a plan is answered
+#: while a training runs (the light worker sits on the same machine and device as the trainer).
 MEMORY_PLAN = "memory.plan"
 #: Train one task (its id); claimed from the row, so a duplicate message is harmless.
 TRAINING_TRAIN = "training.train"
@@ -116,6 +117,7 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     DATASETS_PRUNE_UPLOADS: {"queue": LIGHT_QUEUE},
     BACKBONES_VALIDATE: {"queue": LIGHT_QUEUE},
     BACKBONES_MEASURE: {"queue": LIGHT_QUEUE},
+    MEMORY_PLAN: {"queue": LIGHT_QUEUE},
     TRAINING_TRAIN: {"queue": TRAINING_QUEUE},
     TRAINING_REAP: {"queue": LIGHT_QUEUE},
     TRAINING_REDISPATCH: {"queue": LIGHT_QUEUE},
