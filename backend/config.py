@@ -170,6 +170,19 @@ class Settings(BaseSettings):
         default=1.5, gt=0, description="Progress is written, and cancellation read, at most this often."
     )
 
+    # Workers page.
+    worker_heartbeat_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often each worker process writes its row (last seen, what it runs).",
+    )
+    worker_offline_after_beats: int = Field(
+        default=3, ge=2, description="A worker process silent for this many beats is shown offline."
+    )
+    worker_prune_after_seconds: float = Field(
+        default=3600.0, gt=0, description="An offline worker's row is deleted after this long."
+    )
+
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
         self.data_dir = self.data_dir.expanduser().resolve()
