@@ -50,13 +50,60 @@ class TaskProgress(BaseModel):
     phase: str
 
 
+GIB = 1 << 30
+
+
+class TaskMemory(BaseModel):
+    """The run's measured peak against its budget. ``peak_bytes`` is the highest per-epoch peak
+    (GPU: allocated by the caching allocator; CPU: the worker process's resident set, libraries
+    included); ``within_budget`` is null without a budget or before an epoch was measured.
+    ``enforced``: the GPU's allocator was capped at the budget (on CPU a budget is only checked,
+    and a run over it ends with ``warning``, not a failure)."""
+
+    peak_bytes: int
+    budget_bytes: int | None
+    within_budget: bool | None
+    enforced: bool
+    device: str | None
+    warning: str | None
+
+    @classmethod
+    def of(cls, task: Task) -> TaskMemory:
+        """The memory view of a row."""
+        budget = int(task.memory_budget_gib * GIB) if task.memory_budget_gib else None
+        peak = int(task.peak_memory_bytes or 0)
+        setup = (task.artifacts or {}).get("memory") or {}
+        within = None if budget is None or peak <= 0 else peak <= budget
+        warning = None
+        if within is False:
+            warning = (
+                f"The measured peak, {peak / GIB:.2f} GiB, exceeded the memory budget of "
+                f"{task.memory_budget_gib:g} GiB"
+                + (
+                    "."
+                    if setup.get("enforced")
+                    else f" (on {str(setup.get('device') or 'this device').upper()} a budget is checked, not enforced)."
+                )
+            )
+        return cls(
+            peak_bytes=peak,
+            budget_bytes=budget,
+            within_budget=within,
+            enforced=bool(setup.get("enforced")),
+            device=setup.get("device"),
+            warning=warning,
+        )
+
+
 class TaskRead(BaseModel):
     """A task: what it trains, where it is, what came out.
 
     ``queue_position`` (1 = next) is set while it is queued. ``best`` is the epoch with the highest
     validation accuracy; ``final_metrics`` the final model's evaluation on the dataset's held-out
     split (``split``, ``accuracy``, ``qwk``, ``per_class_recall``, ``confusion_matrix``,
-    ``classes``). ``error`` says why a task failed, in words meant for you.
+    ``classes``). ``error`` says why a task failed, in words meant for you. ``memory`` holds the
+measured peak against ``memory_budget_gib``; ``plan`` the memory plan accepted when the task was
+created (``POST /tasks`` with ``plan_token``), if any.
     """
 
     id: int
@@ -75,6 +122,7 @@ class TaskRead(BaseModel):
     error: str
     plan: dict[str, Any]
     peak_memory_bytes: int
+    memory: TaskMemory
     best: dict[str, Any] | None
     final_metrics: dict[str, Any]
     created_at: datetime
@@ -114,6 +162,7 @@ class TaskRead(BaseModel):
             error=task.error,
             plan=task.plan or {},
             peak_memory_bytes=task.peak_memory_bytes,
+            memory=TaskMemory.of(task),
             best=best,
             final_metrics=task.final_metrics or {},
             created_at=task.created_at,

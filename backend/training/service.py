@@ -624,7 +624,17 @@ def run_spec(session: Session, settings: Settings, task_id: int) -> dict[str, An
         "task_dir": str(task_dir(settings, task.id)),
         "checkpoint_dir": str(checkpoint_dir(settings, task.id)),
         "attempt": task.attempts,
+        "memory_budget_gib": task.memory_budget_gib,
     }
+
+
+def record_memory_setup(settings: Settings, task_id: int, worker_id: str, memory: dict[str, Any]) -> None:
+    """Record how the run treats its memory budget (``device``, ``enforced``, ``fraction``) in
+    ``artifacts["memory"]``; only the lease holder writes."""
+    with session_scope(settings) as session:
+        task = session.scalars(select(Task).where(*_mine(task_id, worker_id))).first()
+        if task is not None:
+            task.artifacts = {**(task.artifacts or {}), "memory": memory}
 
 
 def note_attempt(settings: Settings, task_id: int, worker_id: str, *, first_step: int) -> None:

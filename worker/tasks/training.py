@@ -198,6 +198,12 @@ class _Lease:
         return self.cancel or self.lost
 
 
+def _is_cuda_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
 def _worker_id() -> str:
     import socket
     import uuid
@@ -231,6 +237,9 @@ def run_task(settings, task_id: int) -> str:  # noqa: ANN001, C901 (Settings; on
             if isinstance(exc, EngineError):
                 logger.info("task %s failed: %s", task_id, exc)
                 message = str(exc)
+            elif _is_cuda_oom(exc) and spec.get("memory_budget_gib"):
+                logger.info("task %s ran out of its memory budget: %s", task_id, exc)
+                message = OVER_BUDGET_ERROR.format(budget=spec["memory_budget_gib"])
             else:
                 logger.exception("task %s failed unexpectedly", task_id)
                 message = GENERIC_ERROR.format(kind=type(exc).__name__)
@@ -242,6 +251,38 @@ def run_task(settings, task_id: int) -> str:  # noqa: ANN001, C901 (Settings; on
     service.finish(settings, task_id, worker_id, status, final_metrics=final, artifacts=artifacts)
     logger.info("task %s %s", task_id, status.value)
     return status.value
+
+
+def apply_budget(budget_gib: float | None, device: Any) -> dict[str, Any] | None:
+    """Hold the run to its memory budget where the device allows it.
+
+    On CUDA the caching allocator is capped at the budget (``enforce_budget``): an allocation past
+    it raises out-of-memory instead of using the rest of the card. On CPU nothing can cap a
+    process's memory this way; the measured peak is still recorded against the budget and a run
+    over it is reported (a warning, not a failure). Returns what was done (None: no budget).
+    """
+    if device.type == "cuda" and not budget_gib:
+        import torch
+
+        # A pool process trains one task after another: lift the cap an earlier task set.
+        torch.cuda.set_per_process_memory_fraction(1.0, device.index or 0)
+        return None
+    if not budget_gib:
+        return None
+    if device.type == "cuda":
+        from worker.patchgd.memory import enforce_budget
+
+        fraction = enforce_budget(float(budget_gib), str(device))
+        logger.info("memory budget %.2f GiB enforced on %s (fraction %.3f)", budget_gib, device, fraction)
+        return {"device": "cuda", "enforced": True, "fraction": round(fraction, 6)}
+    return {"device": device.type, "enforced": False}
+
+
+#: The error of a run that ran out of its enforced budget on a GPU.
+OVER_BUDGET_ERROR = (
+    "Training ran out of its memory budget of {budget:g} GiB on the GPU. Plan the task with this "
+    "budget (the new-task form's Plan button) and accept the plan, or raise the budget."
+)
 
 
 def _train(settings, task_id: int, worker_id: str, spec: dict[str, Any], lease: _Lease):  # noqa: ANN001, ANN202
@@ -270,6 +311,9 @@ def _train(settings, task_id: int, worker_id: str, spec: dict[str, Any], lease: 
     if "train" not in loaders:
         raise DatasetError("the dataset's training split is empty")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    memory = apply_budget(spec.get("memory_budget_gib"), device)
+    if memory is not None:
+        service.record_memory_setup(settings, task_id, worker_id, memory)
 
     def on_epoch_end(metrics: Any) -> None:
         data = metrics.to_dict()
