@@ -49,7 +49,8 @@ DEFAULT_QUEUE = "celery"
 #: behind a training run; every worker consumes it unless started with ``-Q`` for one queue only.
 LIGHT_QUEUE = "tessera.light"
 #: Queue of training runs (``training.train``); `tessera serve` runs a worker for it alone (one run at
-#: a time) beside a light worker for the other queues; a GPU machine can do the same (``-Q tessera.training``).
+#: a time) beside a light worker for the other queues; a GPU machine can do the same
+#: (``-Q tessera.training``).
 TRAINING_QUEUE = "tessera.training"
 #: Queue that ``/healthz`` declares to prove a real round trip to the broker; no worker reads it.
 HEALTH_QUEUE = "tessera.health"
@@ -265,7 +266,10 @@ def broker_queue_lengths(settings: Settings, timeout: float) -> dict[str, int] |
         ) as conn:
             conn.ensure_connection(max_retries=0, timeout=timeout)
             channel = conn.default_channel
-            return {name: int(channel.queue_declare(queue=name, passive=False).message_count) for name in WORK_QUEUES}
+            return {
+                name: int(channel.queue_declare(queue=name, passive=False).message_count)
+                for name in WORK_QUEUES
+            }
     except Exception as exc:  # any failure: the page says the broker did not tell
         logger.warning("broker queue lengths not available: %s", exc)
         return None
@@ -321,4 +325,3 @@ def broker_queue_lengths_cached(settings: Settings, timeout: float) -> dict[str,
     except concurrent.futures.TimeoutError:
         logger.warning("broker queue lengths did not come within %.1f s", timeout)
         return None
-

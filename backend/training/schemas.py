@@ -26,6 +26,9 @@ class TaskCreate(BaseModel):
     algorithm: Algorithm = "patchgd"
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     memory_budget_gib: float | None = Field(default=None, gt=0, le=4096)
+    #: A plan of yours (``POST /tasks/plan``) to accept: the task keeps its part for ``algorithm``
+    #: as ``plan`` (and its budget when ``memory_budget_gib`` is not given).
+    plan_token: str | None = Field(default=None, max_length=64)
 
 
 class TaskClone(BaseModel):
@@ -82,7 +85,8 @@ class TaskMemory(BaseModel):
                 + (
                     "."
                     if setup.get("enforced")
-                    else f" (on {str(setup.get('device') or 'this device').upper()} a budget is checked, not enforced)."
+                    else f" (on {str(setup.get('device') or 'this device').upper()} a budget is "
+                    "checked, not enforced)."
                 )
             )
         return cls(
@@ -98,12 +102,12 @@ class TaskMemory(BaseModel):
 class TaskRead(BaseModel):
     """A task: what it trains, where it is, what came out.
 
-    ``queue_position`` (1 = next) is set while it is queued. ``best`` is the epoch with the highest
-    validation accuracy; ``final_metrics`` the final model's evaluation on the dataset's held-out
-    split (``split``, ``accuracy``, ``qwk``, ``per_class_recall``, ``confusion_matrix``,
-    ``classes``). ``error`` says why a task failed, in words meant for you. ``memory`` holds the
-measured peak against ``memory_budget_gib``; ``plan`` the memory plan accepted when the task was
-created (``POST /tasks`` with ``plan_token``), if any.
+        ``queue_position`` (1 = next) is set while it is queued. ``best`` is the epoch with the highest
+        validation accuracy; ``final_metrics`` the final model's evaluation on the dataset's held-out
+        split (``split``, ``accuracy``, ``qwk``, ``per_class_recall``, ``confusion_matrix``,
+        ``classes``). ``error`` says why a task failed, in words meant for you. ``memory`` holds the
+    measured peak against ``memory_budget_gib``; ``plan`` the memory plan accepted when the task was
+    created (``POST /tasks`` with ``plan_token``), if any.
     """
 
     id: int
@@ -206,22 +210,33 @@ class ModelExporting(BaseModel):
 
 
 class PlanRequest(BaseModel):
-    """What to plan: the task's dataset, backbone, algorithm and hyperparameters, and the budget."""
+    """What to plan: the task's dataset, backbone, algorithm and hyperparameters, and the budget.
+
+    ``algorithms`` adds others to plan at the same settings (``["patchgd", "baseline"]`` compares
+    both: the other gets the hyperparameters it shares with ``algorithm``). Without ``verify`` the
+    worker's calibrated memory model answers in seconds; with it each choice is also measured by a
+    short training trial (minutes on a CPU for large images)."""
 
     model_config = ConfigDict(extra="forbid")
 
     dataset_id: int = Field(ge=1, le=MAX_ROW_ID)
     backbone_id: int = Field(ge=1, le=MAX_ROW_ID)
     algorithm: Algorithm = "patchgd"
+    algorithms: list[Algorithm] = Field(default_factory=list, max_length=2)
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     memory_budget_gib: float = Field(gt=0, le=4096)
+    verify: bool = False
 
 
 class PlanStatus(BaseModel):
-    """A plan: ``planning`` until a worker measured it, then ``done`` with its ``report``
-    (``fits``, ``batch_size``, ``patches_per_step``, ``image_size``, predicted and measured bytes,
-    ``reason``)."""
+    """A plan: ``planning`` until a worker made it, then ``done`` with its ``report`` and ``summary``
+    (the plan in one sentence). The report holds, for ``algorithm``, ``fits``, ``batch_size``,
+    ``patches_per_step``, ``image_size``, ``requested`` (the settings as given) and
+    ``requested_bytes`` (their predicted peak), predicted and measured bytes and ``reason``; and the
+    same for every planned algorithm under ``algorithms``. Accept it with ``POST /tasks``'s
+    ``plan_token``."""
 
     token: str
     status: Literal["planning", "done"]
     report: dict[str, Any] | None = None
+    summary: str | None = None

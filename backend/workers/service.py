@@ -44,7 +44,9 @@ def register(
     replaced); returns its id."""
     now = utcnow()
     with session_scope(settings) as session:
-        session.execute(delete(Worker).where(Worker.hostname == hostname[:WORKER_HOST_MAX_LENGTH], Worker.pid == pid))
+        session.execute(
+            delete(Worker).where(Worker.hostname == hostname[:WORKER_HOST_MAX_LENGTH], Worker.pid == pid)
+        )
         row = Worker(
             node=node[:WORKER_HOST_MAX_LENGTH],
             hostname=hostname[:WORKER_HOST_MAX_LENGTH],
@@ -135,7 +137,9 @@ def list_workers(session: Session, settings: Settings, viewer: User) -> list[dic
                 "queues": list(row.queues or []),
                 "device": dict(row.device or {}),
                 "online": online,
-                "running": describe_job(session, viewer, row.current_job, row.current_task_id) if online else None,
+                "running": describe_job(session, viewer, row.current_job, row.current_task_id)
+                if online
+                else None,
                 "started_at": row.started_at,
                 "last_seen": row.last_seen,
             }
@@ -153,7 +157,10 @@ def queue_counts(session: Session) -> dict[str, int]:
             .group_by(Task.status)
         ).all()
     )
-    return {"queued": int(counts.get(TaskStatus.QUEUED, 0)), "running": int(counts.get(TaskStatus.RUNNING, 0))}
+    return {
+        "queued": int(counts.get(TaskStatus.QUEUED, 0)),
+        "running": int(counts.get(TaskStatus.RUNNING, 0)),
+    }
 
 
 def device_words(device: dict[str, Any]) -> str:

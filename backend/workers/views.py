@@ -16,10 +16,14 @@ router = APIRouter(tags=["pages"], include_in_schema=False)
 @router.get("/workers")
 def workers_page(request: Request, user: CurrentUser, session: SessionDep, settings: SettingsDep) -> Response:
     """Workers and queues."""
-    return render(request, "workers/list.html", {"active": "workers", **service.overview(session, settings, user)})
+    return render(
+        request, "workers/list.html", {"active": "workers", **service.overview(session, settings, user)}
+    )
 
 
 @router.get("/workers/panel")
-def workers_panel(request: Request, user: CurrentUser, session: SessionDep, settings: SettingsDep) -> Response:
+def workers_panel(
+    request: Request, user: CurrentUser, session: SessionDep, settings: SettingsDep
+) -> Response:
     """The page's panel, polled."""
     return render(request, "workers/panel.html", service.overview(session, settings, user))

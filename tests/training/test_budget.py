@@ -18,7 +18,9 @@ def test_on_cpu_a_budget_is_checked_not_enforced():
 
 
 def _task(budget: float | None, peak: int, setup: dict | None) -> Task:
-    return Task(memory_budget_gib=budget, peak_memory_bytes=peak, artifacts={"memory": setup} if setup else {})
+    return Task(
+        memory_budget_gib=budget, peak_memory_bytes=peak, artifacts={"memory": setup} if setup else {}
+    )
 
 
 def test_the_measured_peak_is_reported_against_the_budget():

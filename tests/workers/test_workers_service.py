@@ -9,7 +9,7 @@ import time
 from datetime import timedelta
 
 from backend.db import session_scope
-from backend.models import Role, Task, Worker
+from backend.models import Role, Worker
 from backend.models.base import utcnow
 from backend.workers import service
 from tests.training.helpers import TINY_PATCHGD, builtin_backbone, ready_dataset
@@ -29,14 +29,20 @@ def test_workers_show_device_and_name_a_running_task_only_to_its_owner_or_an_adm
 ):
     owner_client, other_client, admin_client = make_client(), make_client(), make_client()
     users = make_user("owner"), make_user("other"), make_user("boss", role=Role.ADMIN)
-    owner, other, admin = (bearer(c, u) for c, u in zip((owner_client, other_client, admin_client), users))
+    clients = (owner_client, other_client, admin_client)
+    owner, other, admin = (bearer(c, u) for c, u in zip(clients, users, strict=True))
     login(owner_client, users[0])
     login(other_client, users[1])
     dataset_id = ready_dataset(settings, owner_client, owner)
     backbone_id = builtin_backbone(settings)
     created = owner_client.post(
         "/api/v1/tasks",
-        json={"name": "secret run", "dataset_id": dataset_id, "backbone_id": backbone_id, "hyperparameters": TINY_PATCHGD},
+        json={
+            "name": "secret run",
+            "dataset_id": dataset_id,
+            "backbone_id": backbone_id,
+            "hyperparameters": TINY_PATCHGD,
+        },
         headers=owner,
     )
     assert created.status_code == 201, created.text
@@ -57,7 +63,10 @@ def test_workers_show_device_and_name_a_running_task_only_to_its_owner_or_an_adm
     assert seen[102]["device_text"] == "CPU, 4 cores, 8.0 GiB RAM"
     assert seen[101]["queues"] == ["tessera.training"]
     assert seen[101]["running"] == {
-        "job": "training.train", "label": "training", "task_id": task_id, "task_name": "secret run"
+        "job": "training.train",
+        "label": "training",
+        "task_id": task_id,
+        "task_name": "secret run",
     }
     assert seen[102]["running"]["label"] == "planning memory"
     assert running_of(admin_client, admin)[101]["running"]["task_name"] == "secret run"
@@ -101,7 +110,9 @@ def test_silent_workers_go_offline_then_are_pruned_and_a_clean_stop_removes_the_
     assert alive
 
 
-def test_the_page_answers_in_bounded_time_when_the_broker_hangs(settings, make_client, make_user, bearer, login):
+def test_the_page_answers_in_bounded_time_when_the_broker_hangs(
+    settings, make_client, make_user, bearer, login
+):
     # A "broker" that accepts connections and never says a word.
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -121,7 +132,10 @@ def test_the_page_answers_in_bounded_time_when_the_broker_hangs(settings, make_c
     thread.start()
     try:
         hung = settings.model_copy(
-            update={"broker_url": f"redis://127.0.0.1:{server.getsockname()[1]}/0", "health_broker_timeout_seconds": 0.5}
+            update={
+                "broker_url": f"redis://127.0.0.1:{server.getsockname()[1]}/0",
+                "health_broker_timeout_seconds": 0.5,
+            }
         )
         client = make_client(hung)
         user = make_user()

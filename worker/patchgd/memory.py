@@ -958,6 +958,24 @@ def _model_terms(
     return {"bytes_per_pixel": calibration.bytes_per_pixel, "overhead_bytes": calibration.overhead_bytes}
 
 
+def predict_peak(
+    cfg: PatchGDConfig | BaselineConfig,
+    device: str = "cpu",
+    *,
+    streamed: bool = False,
+    calibration: Calibration | None = None,
+    cache_file: str | os.PathLike[str] | None = None,
+) -> MemoryEstimate:
+    """The analytic model's peak of one training step of `cfg` exactly as configured (no search):
+    what the settings would need, whatever the budget."""
+    model_terms = _model_terms(cfg, device, calibration, cache_file)
+    if isinstance(cfg, PatchGDConfig):
+        return estimate_patchgd_bytes(cfg, **model_terms, streaming=streamed)
+    if isinstance(cfg, BaselineConfig):
+        return estimate_baseline_bytes(cfg, **model_terms)
+    raise TypeError(f"expected a PatchGDConfig or BaselineConfig, got {type(cfg).__name__}")
+
+
 def plan_patchgd(
     cfg: PatchGDConfig,
     budget_gib: float,

@@ -38,51 +38,108 @@ def plan_report_path(data_dir: Path, token: str) -> Path:
     return data_dir / PLAN_DIR / f"{token}.json"
 
 
-@celery_app.task(name=MEMORY_PLAN)
-def plan_memory(
-    token: str,
+def plan_one(
     algorithm: str,
     config: dict[str, Any],
     budget_gib: float,
+    device: str,
+    *,
     streamed: bool = False,
-    device: str | None = None,
+    verify: bool = True,
+    cache_file: Path | None = None,
 ) -> dict[str, Any]:
-    """Choose settings for `config` (hyperparameters of `algorithm`, ``patchgd`` or
-    ``baseline``) that fit `budget_gib`, verified by a measured trial on this worker.
-
-    Writes ``{token, algorithm, fits, batch_size, patches_per_step, image_size, predicted_bytes,
-    measured_bytes, reason, plan}`` to ``<data_dir>/memory_plans/<token>.json`` and returns it.
-    The measured trial runs in a child interpreter, which works inside prefork pool processes.
-    """
-    import torch
-
+    """Plan one algorithm's settings under the budget: what the settings as given would need
+    (``requested``, ``requested_bytes``), and what the planner chooses (batch and k for PatchGD;
+    batch, then resolution, for the baseline), whether it fits, predicted and measured peaks."""
     from worker.patchgd.config import config_from_dict
-    from worker.patchgd.memory import plan
+    from worker.patchgd.memory import plan, predict_peak
 
-    settings = get_settings()
-    path = plan_report_path(settings.data_dir, token)
     cfg = config_from_dict(algorithm, config)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = plan(
-        cfg,
-        budget_gib,
-        device,
-        streamed=streamed,
-        cache_file=settings.data_dir / CALIBRATION_FILE,
-    )
-    report: dict[str, Any] = {
-        "token": token,
-        "pid": os.getpid(),
-        "device": device,
+    as_given = predict_peak(cfg, device, streamed=streamed, cache_file=cache_file)
+    result = plan(cfg, budget_gib, device, streamed=streamed, verify=verify, cache_file=cache_file)
+    requested: dict[str, Any] = {"batch_size": cfg.batch_size, "image_size": cfg.image_size}
+    if algorithm == "patchgd":
+        requested["patches_per_step"] = cfg.k
+    return {
         "algorithm": result.algorithm,
         "fits": result.fits,
+        "verified": result.measured_bytes is not None,
+        "requested": requested,
+        "requested_bytes": as_given.total_bytes,
+        "requested_fits": as_given.total_bytes <= budget_gib * (1 << 30),
         "batch_size": result.batch_size,
         "patches_per_step": result.patches_per_step,
-        "image_size": result.image_size,
+        "image_size": result.image_size
+        if result.image_size is not None
+        else (cfg.image_size if result.fits else None),
         "predicted_bytes": result.predicted_bytes,
         "measured_bytes": result.measured_bytes,
         "reason": result.reason,
         "plan": result.to_dict(),
+    }
+
+
+@celery_app.task(name=MEMORY_PLAN)
+def plan_memory(
+    token: str,
+    configs: dict[str, dict[str, Any]],
+    budget_gib: float,
+    streamed: bool = False,
+    device: str | None = None,
+    verify: bool = True,
+    primary: str | None = None,
+) -> dict[str, Any]:
+    """Plan each algorithm of `configs` (``{"patchgd": {...}, "baseline": {...}}``, the
+    hyperparameters of each) under `budget_gib` on this worker's device.
+
+    With `verify`, each choice is confirmed by a measured trial (in a child interpreter, which
+    works inside prefork pool processes); without, the calibrated model answers (seconds, once the
+    backbone's calibration is cached in ``<data_dir>/memory_calibration.json``). Writes
+    ``{token, device, budget_gib, seconds, algorithms: {name: plan_one(...)}}`` plus, at the top,
+    the fields of the `primary` algorithm's plan (default: the first) to
+    ``<data_dir>/memory_plans/<token>.json`` and returns it.
+    """
+    return make_plan(get_settings(), token, configs, budget_gib, streamed, device, verify, primary)
+
+
+def make_plan(
+    settings,  # noqa: ANN001 (Settings)
+    token: str,
+    configs: dict[str, dict[str, Any]],
+    budget_gib: float,
+    streamed: bool = False,
+    device: str | None = None,
+    verify: bool = True,
+    primary: str | None = None,
+) -> dict[str, Any]:
+    """The body of ``memory.plan`` (see :func:`plan_memory`) for explicit settings."""
+    import torch
+
+    started = time.monotonic()
+    path = plan_report_path(settings.data_dir, token)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cache_file = settings.data_dir / CALIBRATION_FILE
+    plans = {
+        algorithm: plan_one(
+            algorithm,
+            config,
+            budget_gib,
+            device,
+            streamed=streamed and algorithm == "patchgd",
+            verify=verify,
+            cache_file=cache_file,
+        )
+        for algorithm, config in configs.items()
+    }
+    first = primary if primary in plans else next(iter(plans))
+    report: dict[str, Any] = {
+        **plans[first],
+        "token": token,
+        "pid": os.getpid(),
+        "device": device,
+        "budget_gib": float(budget_gib),
+        "algorithms": plans,
+        "seconds": round(time.monotonic() - started, 3),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".tmp")
