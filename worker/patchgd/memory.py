@@ -559,7 +559,9 @@ def _patchgd_param_counts(cfg: PatchGDConfig) -> tuple[int, int]:
         cfg.in_channels,
     )
     if key not in _PARAM_COUNTS:
-        model = build_patchgd_model(cfg, load_pretrained=False)
+        # On the meta device: shapes only, no memory and no random initialisation to wait for.
+        with torch.device("meta"):
+            model = build_patchgd_model(cfg, load_pretrained=False)
         _PARAM_COUNTS[key] = (
             sum(p.numel() for p in model.backbone.parameters()),
             sum(p.numel() for p in model.head.parameters()),
@@ -570,7 +572,8 @@ def _patchgd_param_counts(cfg: PatchGDConfig) -> tuple[int, int]:
 def _baseline_param_count(cfg: BaselineConfig) -> int:
     key = ("baseline", cfg.backbone, cfg.num_classes, cfg.in_channels)
     if key not in _PARAM_COUNTS:
-        model = build_baseline_model(cfg, load_pretrained=False)
+        with torch.device("meta"):
+            model = build_baseline_model(cfg, load_pretrained=False)
         _PARAM_COUNTS[key] = (sum(p.numel() for p in model.parameters()), 0)
     return _PARAM_COUNTS[key][0]
 
