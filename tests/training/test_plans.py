@@ -144,6 +144,8 @@ def _answer(settings, user, form_fields: dict, token: str) -> dict:
 @pytest.mark.slow
 def test_plan_in_the_form_is_accepted_with_one_click_and_kept_by_the_task(settings, client, form):
     fields = form["fields"]
+    page = client.get("/tasks/new").text
+    assert 'id="task-form"' in page and 'hx-post="/tasks/new/plan"' in page and 'id="plan-empty"' in page
     refused = client.post("/tasks/new/plan", data={**fields, "memory_budget_gib": ""})
     assert refused.status_code == 422 and "Give a memory budget" in refused.text
     assert client.post("/tasks/new/plan", data={**fields, "csrf_token": ""}).status_code == 403
