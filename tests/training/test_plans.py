@@ -123,9 +123,8 @@ def _answer(settings, user, form_fields: dict, token: str) -> dict:
     """Make the plan the Plan button asked for (what the light worker's job does)."""
     from backend.models import User
 
-    hyperparameters = {
-        k: int(form_fields[k]) for k in ("image_size", "patch_size", "patches_per_step", "batch_size", "epochs")
-    }
+    names = ("image_size", "patch_size", "patches_per_step", "batch_size", "epochs")
+    hyperparameters = {k: int(form_fields[k]) for k in names}
     with session_scope(settings) as session:
         viewer = session.get(User, user.id)
         configs = service.plan_configs(
@@ -138,7 +137,8 @@ def _answer(settings, user, form_fields: dict, token: str) -> dict:
             hyperparameters=hyperparameters,
             algorithms=["patchgd", "baseline"],
         )
-    return make_plan(settings, token, configs, float(form_fields["memory_budget_gib"]), verify=False, primary="patchgd")
+    budget = float(form_fields["memory_budget_gib"])
+    return make_plan(settings, token, configs, budget, verify=False, primary="patchgd")
 
 
 @pytest.mark.slow
