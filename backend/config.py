@@ -44,7 +44,14 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     worker_concurrency: int = Field(
-        default=1, ge=1, description="Celery worker processes started by `serve`."
+        default=1,
+        ge=1,
+        description="Training runs `serve`'s training worker (and `tessera worker`) runs at once.",
+    )
+    light_worker_concurrency: int = Field(
+        default=2,
+        ge=1,
+        description="Processes of `serve`'s light worker (plans, validations, measurements, the reaper).",
     )
     web_concurrency: int = Field(
         default=32,
@@ -177,6 +184,19 @@ class Settings(BaseSettings):
     )
     task_progress_interval_seconds: float = Field(
         default=1.5, gt=0, description="Progress is written, and cancellation read, at most this often."
+    )
+
+    # Workers page.
+    worker_heartbeat_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often each worker process writes its row (last seen, what it runs).",
+    )
+    worker_offline_after_beats: int = Field(
+        default=3, ge=2, description="A worker process silent for this many beats is shown offline."
+    )
+    worker_prune_after_seconds: float = Field(
+        default=3600.0, gt=0, description="An offline worker's row is deleted after this long."
     )
 
     @model_validator(mode="after")

@@ -40,6 +40,8 @@ from backend.training import api as training_api
 from backend.training import views as training_views
 from backend.ui import views as ui_views
 from backend.ui.templating import STATIC_DIR, is_htmx, render
+from backend.workers import api as workers_api
+from backend.workers import views as workers_views
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +290,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
     # One API router and one page router per domain; operations (health, metrics) stay outside /api/v1.
-    for api_router in (accounts_api.router, datasets_api.router, backbones_api.router, training_api.router):
+    for api_router in (
+        accounts_api.router,
+        datasets_api.router,
+        backbones_api.router,
+        training_api.router,
+        workers_api.router,
+    ):
         app.include_router(api_router, prefix=API_PREFIX)
     app.include_router(operations.router)
     for page_router in (
@@ -296,6 +304,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         datasets_views.router,
         backbones_views.router,
         training_views.router,
+        workers_views.router,
         ui_views.router,
     ):
         app.include_router(page_router)

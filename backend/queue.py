@@ -48,8 +48,9 @@ DEFAULT_QUEUE = "celery"
 #: Queue of short jobs (validating an upload, measuring a backbone, demo data) that must not wait
 #: behind a training run; every worker consumes it unless started with ``-Q`` for one queue only.
 LIGHT_QUEUE = "tessera.light"
-#: Queue of training runs (``training.train``); `tessera serve`'s worker consumes it with the others,
-#: and a GPU machine can run a worker for it alone (``-Q tessera.training``).
+#: Queue of training runs (``training.train``); `tessera serve` runs a worker for it alone (one run at
+#: a time) beside a light worker for the other queues; a GPU machine can do the same
+#: (``-Q tessera.training``).
 TRAINING_QUEUE = "tessera.training"
 #: Queue that ``/healthz`` declares to prove a real round trip to the broker; no worker reads it.
 HEALTH_QUEUE = "tessera.health"
@@ -97,7 +98,8 @@ DATASETS_DEMO = "datasets.demo"
 DATASETS_PRUNE_UPLOADS = "datasets.prune_uploads"
 BACKBONES_VALIDATE = "backbones.validate"
 BACKBONES_MEASURE = "backbones.measure"
-#: Runs on the default queue: a plan is measured on the kind of worker that will train.
+#: Plan a run under a memory budget (both algorithms); on the light queue, so a plan is answered
+#: while a training runs (the light worker sits on the same machine and device as the trainer).
 MEMORY_PLAN = "memory.plan"
 #: Train one task (its id); claimed from the row, so a duplicate message is harmless.
 TRAINING_TRAIN = "training.train"
@@ -120,6 +122,7 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     DATASETS_PRUNE_UPLOADS: {"queue": LIGHT_QUEUE},
     BACKBONES_VALIDATE: {"queue": LIGHT_QUEUE},
     BACKBONES_MEASURE: {"queue": LIGHT_QUEUE},
+    MEMORY_PLAN: {"queue": LIGHT_QUEUE},
     TRAINING_TRAIN: {"queue": TRAINING_QUEUE},
     TRAINING_REAP: {"queue": LIGHT_QUEUE},
     TRAINING_REDISPATCH: {"queue": LIGHT_QUEUE},
@@ -244,3 +247,87 @@ async def broker_reachable_cached(settings: Settings, timeout: float) -> bool:
     except TimeoutError:
         logger.warning("broker probe did not finish within %.1f s", timeout)
         return False
+
+
+# --------------------------------------------------------------------------- queue lengths
+
+#: How long the broker's queue lengths are reused by the workers page (a burst of views asks once).
+QUEUE_LENGTHS_CACHE_SECONDS = 2.0
+#: The queues whose lengths the workers page shows.
+WORK_QUEUES = (TRAINING_QUEUE, LIGHT_QUEUE, DEFAULT_QUEUE)
+
+
+def broker_queue_lengths(settings: Settings, timeout: float) -> dict[str, int] | None:
+    """Messages waiting in each of :data:`WORK_QUEUES` (None when the broker cannot tell).
+
+    Redis and kombu's SQL transport count them; declaring a queue the workers declare anyway
+    changes nothing. Blocks up to about ``timeout`` per socket operation: the web process calls
+    :func:`broker_queue_lengths_cached`.
+    """
+    try:
+        with Connection(
+            settings.broker_url,
+            connect_timeout=timeout,
+            transport_options=transport_options(settings.broker_url, timeout),
+        ) as conn:
+            conn.ensure_connection(max_retries=0, timeout=timeout)
+            channel = conn.default_channel
+            return {
+                name: int(channel.queue_declare(queue=name, passive=False).message_count)
+                for name in WORK_QUEUES
+            }
+    except Exception as exc:  # any failure: the page says the broker did not tell
+        logger.warning("broker queue lengths not available: %s", exc)
+        return None
+
+
+_length_probes: dict[str, _Probe] = {}
+
+
+def _single_flight(
+    registry: dict[str, _Probe], key: str, work: Any, cache_seconds: float, name: str
+) -> concurrent.futures.Future[Any]:
+    """The running (or recently finished) call of ``work`` under ``key``, starting one if none.
+
+    The call runs in a daemon thread of its own, so a transport stuck in a socket never holds a
+    request thread; every caller meanwhile joins the same future.
+    """
+    now = time.monotonic()
+    with _probes_lock:
+        probe = registry.get(key)
+        if probe is not None and (probe.finished_at is None or now - probe.finished_at < cache_seconds):
+            return probe.future
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        probe = _Probe(future=future)
+        registry[key] = probe
+
+    def run() -> None:
+        try:
+            result = work()
+        except Exception:  # work reports its own failures; never leave the future unanswered
+            result = None
+        finally:
+            with _probes_lock:
+                probe.finished_at = time.monotonic()
+        future.set_result(result)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
+def broker_queue_lengths_cached(settings: Settings, timeout: float) -> dict[str, int] | None:
+    """:func:`broker_queue_lengths` for request handlers: single-flight, cached for
+    :data:`QUEUE_LENGTHS_CACHE_SECONDS`, and never waits past about ``timeout`` (then None: a hung
+    broker costs a page at most that, and the next view joins the same probe)."""
+    future = _single_flight(
+        _length_probes,
+        settings.broker_url,
+        lambda: broker_queue_lengths(settings, timeout),
+        QUEUE_LENGTHS_CACHE_SECONDS,
+        "tessera-queue-lengths",
+    )
+    try:
+        return future.result(timeout=timeout * 1.5 + 0.5)
+    except concurrent.futures.TimeoutError:
+        logger.warning("broker queue lengths did not come within %.1f s", timeout)
+        return None

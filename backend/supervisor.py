@@ -1,8 +1,9 @@
 """`tessera serve`: the one-command laptop setup.
 
 Prepares the data folder, migrates the database, creates the first admin, then runs the web
-server and a Celery worker (and Celery beat when a periodic task is scheduled) as child
-processes until Ctrl-C or SIGTERM. If any child dies, the others are stopped too, so the
+server, two Celery workers (one for training runs, one for the light and default queues, so a
+plan or the reaper never waits behind a training) and Celery beat when a periodic task is
+scheduled, as child processes until Ctrl-C or SIGTERM. If any child dies, the others are stopped too, so the
 platform is never left half up.
 """
 
@@ -67,11 +68,27 @@ def web_command(settings: Settings) -> list[str]:
     ]
 
 
-def worker_command(settings: Settings) -> list[str]:
-    """The Celery worker command line.
+#: Every queue: what one worker reads when it is the only one (`tessera worker`, the compose worker).
+ALL_QUEUES = (DEFAULT_QUEUE, LIGHT_QUEUE, TRAINING_QUEUE)
+#: What `serve`'s light worker reads: plans, validations, measurements, the reaper and re-dispatcher.
+LIGHT_QUEUES = (DEFAULT_QUEUE, LIGHT_QUEUE)
+#: What `serve`'s training worker reads: training runs only, one at a time.
+TRAINING_QUEUES = (TRAINING_QUEUE,)
+
+
+def worker_command(
+    settings: Settings,
+    queues: tuple[str, ...] = ALL_QUEUES,
+    *,
+    concurrency: int | None = None,
+    name: str = "tessera",
+) -> list[str]:
+    """The Celery worker command line for ``queues`` (default: every queue).
 
     Prefork even at concurrency 1: each task runs in a child process, so a crash in native code
     (CUDA, an image decoder) takes down only that child and Celery hands the message back.
+    Prefetch is one message per process and messages are acknowledged late (the Celery app's
+    settings), so a training worker never holds a second training while it runs one.
     """
     return [
         sys.executable,
@@ -83,15 +100,29 @@ def worker_command(settings: Settings) -> list[str]:
         "--pool",
         "prefork",
         "--concurrency",
-        str(settings.worker_concurrency),
+        str(concurrency or settings.worker_concurrency),
+        "--prefetch-multiplier",
+        "1",
         "--loglevel",
         settings.log_level.upper(),
         "--hostname",
-        "tessera@%h",
-        # Trainings (training queue), plans (default queue) and the short jobs (light queue).
+        f"{name}@%h",
         "--queues",
-        f"{DEFAULT_QUEUE},{LIGHT_QUEUE},{TRAINING_QUEUE}",
+        ",".join(queues),
     ]
+
+
+def training_worker_command(settings: Settings) -> list[str]:
+    """`serve`'s training worker: the training queue alone, ``worker_concurrency`` runs at a time."""
+    return worker_command(settings, TRAINING_QUEUES, name="tessera-training")
+
+
+def light_worker_command(settings: Settings) -> list[str]:
+    """`serve`'s light worker: the default and light queues (plans, validations, measurements,
+    exports, the reaper), so none of them waits behind a training run."""
+    return worker_command(
+        settings, LIGHT_QUEUES, concurrency=settings.light_worker_concurrency, name="tessera-light"
+    )
 
 
 def beat_command(settings: Settings) -> list[str]:
@@ -112,7 +143,11 @@ def beat_command(settings: Settings) -> list[str]:
 
 def child_commands(settings: Settings, *, with_beat: bool) -> dict[str, list[str]]:
     """Every process `serve` starts, by a name used in its messages."""
-    commands = {"web server": web_command(settings), "worker": worker_command(settings)}
+    commands = {
+        "web server": web_command(settings),
+        "training worker": training_worker_command(settings),
+        "light worker": light_worker_command(settings),
+    }
     if with_beat:
         commands["scheduler"] = beat_command(settings)
     return commands
@@ -176,7 +211,7 @@ def port_problem(host: str, port: int) -> str | None:
 
 
 def serve(settings: Settings) -> int:
-    """Migrate, create the first admin, run web server + worker until stopped; return an exit code."""
+    """Migrate, create the first admin, run web server + workers until stopped; return an exit code."""
     problem = port_problem(settings.host, settings.port)
     if problem:
         print(f"tessera: {problem}", file=sys.stderr, flush=True)

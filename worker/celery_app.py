@@ -37,6 +37,9 @@ TASK_MODULES = [
     "worker.tasks.backbones",
     "worker.tasks.training",
     "worker.tasks.predictions",
+    # Not tasks: the Celery signal handlers that keep each job-running process's row on the
+    # workers page. Imported with the task modules, by workers only (the web process never needs it).
+    "worker.presence",
 ]
 
 

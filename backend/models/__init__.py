@@ -9,6 +9,7 @@ from backend.models.prediction import PREDICTION_FILENAME_MAX_LENGTH, Evaluation
 from backend.models.task import TASK_NAME_MAX_LENGTH, TERMINAL_STATUSES, Task, TaskMetric, TaskStatus
 from backend.models.user import USERNAME_MAX_LENGTH, Role, User
 from backend.models.user_session import SESSION_ID_LENGTH, UserSession
+from backend.models.worker import Worker
 
 __all__ = [
     "BACKBONE_NAME_MAX_LENGTH",
@@ -36,5 +37,6 @@ __all__ = [
     "TokenKind",
     "User",
     "UserSession",
+    "Worker",
     "utcnow",
 ]

@@ -22,6 +22,7 @@ from backend.deps import CurrentUser, OptionalPrincipal, RowId, SessionDep, Sett
 from backend.errors import ErrorResponse, Forbidden, Unauthorized
 from backend.models import User
 from backend.training import predictions, service
+from backend.training.plans import plan_sentence
 from backend.training.schemas import (
     EvaluationCreate,
     EvaluationRead,
@@ -75,6 +76,7 @@ def create_task(body: TaskCreate, user: CurrentUser, session: SessionDep, settin
         algorithm=body.algorithm,
         hyperparameters=body.hyperparameters,
         memory_budget_gib=body.memory_budget_gib,
+        plan_token=body.plan_token,
     )
     return _read(session, task)
 
@@ -88,8 +90,9 @@ def create_task(body: TaskCreate, user: CurrentUser, session: SessionDep, settin
 def request_plan(
     body: PlanRequest, user: CurrentUser, session: SessionDep, settings: SettingsDep
 ) -> PlanStatus:
-    """Ask a worker which batch size and patches per step fit `memory_budget_gib` for these
-    settings (measured on the kind of worker that trains); poll `GET /tasks/plan/{token}`."""
+    """Ask a worker which settings fit `memory_budget_gib`: batch size and patches per step for
+    PatchGD, batch size or a reduced resolution for the baseline (`algorithms` plans both);
+    poll `GET /tasks/plan/{token}`, then accept it with `POST /tasks` and `plan_token`."""
     token = service.request_plan(
         session,
         settings,
@@ -99,6 +102,8 @@ def request_plan(
         algorithm=body.algorithm,
         hyperparameters=body.hyperparameters,
         memory_budget_gib=body.memory_budget_gib,
+        algorithms=body.algorithms,
+        verify=body.verify,
     )
     return PlanStatus(token=token, status="planning")
 
@@ -109,7 +114,9 @@ def read_plan(
 ) -> PlanStatus:
     """A plan you requested: `planning`, or `done` with the worker's report."""
     report = service.read_plan(settings, user, token)
-    return PlanStatus(token=token, status="done" if report is not None else "planning", report=report)
+    if report is None:
+        return PlanStatus(token=token, status="planning")
+    return PlanStatus(token=token, status="done", report=report, summary=plan_sentence(report))
 
 
 @router.get("", response_model=list[TaskRead])

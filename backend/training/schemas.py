@@ -26,6 +26,9 @@ class TaskCreate(BaseModel):
     algorithm: Algorithm = "patchgd"
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     memory_budget_gib: float | None = Field(default=None, gt=0, le=4096)
+    #: A plan of yours (``POST /tasks/plan``) to accept: the task keeps its part for ``algorithm``
+    #: as ``plan`` (and its budget when ``memory_budget_gib`` is not given).
+    plan_token: str | None = Field(default=None, max_length=64)
 
 
 class TaskClone(BaseModel):
@@ -50,13 +53,61 @@ class TaskProgress(BaseModel):
     phase: str
 
 
+GIB = 1 << 30
+
+
+class TaskMemory(BaseModel):
+    """The run's measured peak against its budget. ``peak_bytes`` is the highest per-epoch peak
+    (GPU: allocated by the caching allocator; CPU: the worker process's resident set, libraries
+    included); ``within_budget`` is null without a budget or before an epoch was measured.
+    ``enforced``: the GPU's allocator was capped at the budget (on CPU a budget is only checked,
+    and a run over it ends with ``warning``, not a failure)."""
+
+    peak_bytes: int
+    budget_bytes: int | None
+    within_budget: bool | None
+    enforced: bool
+    device: str | None
+    warning: str | None
+
+    @classmethod
+    def of(cls, task: Task) -> TaskMemory:
+        """The memory view of a row."""
+        budget = int(task.memory_budget_gib * GIB) if task.memory_budget_gib else None
+        peak = int(task.peak_memory_bytes or 0)
+        setup = (task.artifacts or {}).get("memory") or {}
+        within = None if budget is None or peak <= 0 else peak <= budget
+        warning = None
+        if within is False:
+            warning = (
+                f"The measured peak, {peak / GIB:.2f} GiB, exceeded the memory budget of "
+                f"{task.memory_budget_gib:g} GiB"
+                + (
+                    "."
+                    if setup.get("enforced")
+                    else f" (on {str(setup.get('device') or 'this device').upper()} a budget is "
+                    "checked, not enforced)."
+                )
+            )
+        return cls(
+            peak_bytes=peak,
+            budget_bytes=budget,
+            within_budget=within,
+            enforced=bool(setup.get("enforced")),
+            device=setup.get("device"),
+            warning=warning,
+        )
+
+
 class TaskRead(BaseModel):
     """A task: what it trains, where it is, what came out.
 
     ``queue_position`` (1 = next) is set while it is queued. ``best`` is the epoch with the highest
     validation accuracy; ``final_metrics`` the final model's evaluation on the dataset's held-out
     split (``split``, ``accuracy``, ``qwk``, ``per_class_recall``, ``confusion_matrix``,
-    ``classes``). ``error`` says why a task failed, in words meant for you.
+    ``classes``). ``error`` says why a task failed, in words meant for you. ``memory`` holds the
+    measured peak against ``memory_budget_gib``; ``plan`` the memory plan accepted when the task was
+    created (``POST /tasks`` with ``plan_token``), if any.
     """
 
     id: int
@@ -75,6 +126,7 @@ class TaskRead(BaseModel):
     error: str
     plan: dict[str, Any]
     peak_memory_bytes: int
+    memory: TaskMemory
     best: dict[str, Any] | None
     final_metrics: dict[str, Any]
     created_at: datetime
@@ -114,6 +166,7 @@ class TaskRead(BaseModel):
             error=task.error,
             plan=task.plan or {},
             peak_memory_bytes=task.peak_memory_bytes,
+            memory=TaskMemory.of(task),
             best=best,
             final_metrics=task.final_metrics or {},
             created_at=task.created_at,
@@ -157,25 +210,36 @@ class ModelExporting(BaseModel):
 
 
 class PlanRequest(BaseModel):
-    """What to plan: the task's dataset, backbone, algorithm and hyperparameters, and the budget."""
+    """What to plan: the task's dataset, backbone, algorithm and hyperparameters, and the budget.
+
+    ``algorithms`` adds others to plan at the same settings (``["patchgd", "baseline"]`` compares
+    both: the other gets the hyperparameters it shares with ``algorithm``). Without ``verify`` the
+    worker's calibrated memory model answers in seconds; with it each choice is also measured by a
+    short training trial (minutes on a CPU for large images)."""
 
     model_config = ConfigDict(extra="forbid")
 
     dataset_id: int = Field(ge=1, le=MAX_ROW_ID)
     backbone_id: int = Field(ge=1, le=MAX_ROW_ID)
     algorithm: Algorithm = "patchgd"
+    algorithms: list[Algorithm] = Field(default_factory=list, max_length=2)
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     memory_budget_gib: float = Field(gt=0, le=4096)
+    verify: bool = False
 
 
 class PlanStatus(BaseModel):
-    """A plan: ``planning`` until a worker measured it, then ``done`` with its ``report``
-    (``fits``, ``batch_size``, ``patches_per_step``, ``image_size``, predicted and measured bytes,
-    ``reason``)."""
+    """A plan: ``planning`` until a worker made it, then ``done`` with its ``report`` and ``summary``
+    (the plan in one sentence). The report holds, for ``algorithm``, ``fits``, ``batch_size``,
+    ``patches_per_step``, ``image_size``, ``requested`` (the settings as given) and
+    ``requested_bytes`` (their predicted peak), predicted and measured bytes and ``reason``; and the
+    same for every planned algorithm under ``algorithms``. Accept it with ``POST /tasks``'s
+    ``plan_token``."""
 
     token: str
     status: Literal["planning", "done"]
     report: dict[str, Any] | None = None
+    summary: str | None = None
 
 
 class PredictionRead(BaseModel):

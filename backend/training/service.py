@@ -45,6 +45,7 @@ from backend.models import (
 )
 from backend.models.base import utcnow
 from backend.queue import MEMORY_PLAN, TRAINING_EXPORT, TRAINING_TRAIN, enqueue_after_commit
+from backend.training import plans
 from worker.patchgd.config import ALGORITHMS, config_from_dict
 from worker.patchgd.errors import ConfigError
 
@@ -186,8 +187,10 @@ def create_task(
     algorithm: str,
     hyperparameters: dict[str, Any],
     memory_budget_gib: float | None = None,
+    plan_token: str | None = None,
 ) -> Task:
-    """Record a queued task and send ``training.train`` after the commit."""
+    """Record a queued task and send ``training.train`` after the commit. With ``plan_token`` the
+    task keeps that plan (of its algorithm) as ``task.plan``, and the plan's budget when none is given."""
     name = clean_name(name)
     dataset = _ready_dataset(session, user, dataset_id)
     backbone = _ready_backbone(session, user, backbone_id)
@@ -195,6 +198,11 @@ def create_task(
     config = validate_hyperparameters(
         settings, algorithm, hyperparameters, num_classes, backbone.architecture
     )
+    plan: dict[str, Any] = {}
+    if plan_token:
+        plan = accepted_plan(settings, user, plan_token, algorithm, config)
+        if memory_budget_gib is None:
+            memory_budget_gib = plan.get("budget_gib")
     task = Task(
         owner_id=user.id,
         name=name,
@@ -206,7 +214,7 @@ def create_task(
         status=TaskStatus.QUEUED,
         attempts=0,
         max_attempts=settings.task_max_attempts,
-        plan={},
+        plan=plan,
         final_metrics={},
         artifacts={},
         dispatched_at=utcnow(),
@@ -624,7 +632,17 @@ def run_spec(session: Session, settings: Settings, task_id: int) -> dict[str, An
         "task_dir": str(task_dir(settings, task.id)),
         "checkpoint_dir": str(checkpoint_dir(settings, task.id)),
         "attempt": task.attempts,
+        "memory_budget_gib": task.memory_budget_gib,
     }
+
+
+def record_memory_setup(settings: Settings, task_id: int, worker_id: str, memory: dict[str, Any]) -> None:
+    """Record how the run treats its memory budget (``device``, ``enforced``, ``fraction``) in
+    ``artifacts["memory"]``; only the lease holder writes."""
+    with session_scope(settings) as session:
+        task = session.scalars(select(Task).where(*_mine(task_id, worker_id))).first()
+        if task is not None:
+            task.artifacts = {**(task.artifacts or {}), "memory": memory}
 
 
 def note_attempt(settings: Settings, task_id: int, worker_id: str, *, first_step: int) -> None:
@@ -708,18 +726,74 @@ def request_plan(
     algorithm: str,
     hyperparameters: dict[str, Any],
     memory_budget_gib: float,
+    algorithms: Sequence[str] | None = None,
+    verify: bool = False,
 ) -> str:
-    """Check the settings like :func:`create_task`, then ask a worker for a plan under the budget;
-    returns the token to read it back with (:func:`read_plan`)."""
+    """Check the settings like :func:`create_task`, then ask a worker (light queue) for a plan of
+    each of ``algorithms`` (default: ``algorithm`` alone) under the budget; returns the token to
+    read it back with (:func:`read_plan`).
+
+    ``hyperparameters`` are ``algorithm``'s; another algorithm is planned with those it shares
+    (image size, batch size...), the rest at the engine's defaults, as a clone to it would be.
+    Without ``verify`` the calibrated model answers (seconds); with it each choice is also
+    measured by a trial on the worker.
+    """
+    configs = plan_configs(
+        session,
+        settings,
+        user,
+        dataset_id=dataset_id,
+        backbone_id=backbone_id,
+        algorithm=algorithm,
+        hyperparameters=hyperparameters,
+        algorithms=algorithms,
+    )
+    token = f"u{user.id}-{uuid.uuid4().hex}"
+    enqueue_after_commit(
+        session,
+        settings,
+        MEMORY_PLAN,
+        token,
+        configs,
+        float(memory_budget_gib),
+        False,
+        None,
+        bool(verify),
+        algorithm,
+    )
+    return token
+
+
+def plan_configs(
+    session: Session,
+    settings: Settings,
+    user: User,
+    *,
+    dataset_id: int,
+    backbone_id: int,
+    algorithm: str,
+    hyperparameters: dict[str, Any],
+    algorithms: Sequence[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The engine config of each algorithm to plan (see :func:`request_plan`), checked like a task's."""
     dataset = _ready_dataset(session, user, dataset_id)
     backbone = _ready_backbone(session, user, backbone_id)
     num_classes = int(dataset.num_classes or len((dataset.summary or {}).get("classes", [])))
     config = validate_hyperparameters(
         settings, algorithm, hyperparameters, num_classes, backbone.architecture
     )
-    token = f"u{user.id}-{uuid.uuid4().hex}"
-    enqueue_after_commit(session, settings, MEMORY_PLAN, token, algorithm, config, float(memory_budget_gib))
-    return token
+    configs = {algorithm: config}
+    for other in algorithms or ():
+        if other not in ALGORITHMS:
+            raise HyperparametersInvalid(
+                [{"field": "algorithms", "message": f"choose among {', '.join(ALGORITHMS)}, not {other!r}"}]
+            )
+        if other not in configs:
+            shared = {k: v for k, v in hyperparameters.items() if k in set(algorithm_fields(other))}
+            configs[other] = validate_hyperparameters(
+                settings, other, shared, num_classes, backbone.architecture
+            )
+    return configs
 
 
 def read_plan(settings: Settings, user: User, token: str) -> dict[str, Any] | None:
@@ -730,3 +804,29 @@ def read_plan(settings: Settings, user: User, token: str) -> dict[str, Any] | No
     if not path.is_file():
         return None
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def accepted_plan(
+    settings: Settings, user: User, token: str, algorithm: str, config: dict[str, Any]
+) -> dict[str, Any]:
+    """What a task created with plan ``token`` keeps (``task.plan``): the plan of its algorithm,
+    with ``matches`` saying whether the task's settings are still the planned ones. 404 for
+    another user's token; 409 while the plan is being made or when that algorithm does not fit."""
+    report = read_plan(settings, user, token)
+    if report is None:
+        raise Conflict("The plan is still being made; wait for it, then create the task.")
+    entry = (report.get("algorithms") or {}).get(algorithm)
+    if entry is None:
+        raise Conflict(f"The plan does not cover {algorithm}; plan it again with this algorithm.")
+    if not entry.get("fits"):
+        raise Conflict(f"The plan found no {algorithm} settings that fit its budget.")
+    kept = plans.plan_for_task(report, algorithm, token)
+    planned = {"batch_size": entry.get("batch_size"), "image_size": entry.get("image_size")}
+    if algorithm == "patchgd":
+        planned["patches_per_step"] = entry.get("patches_per_step")
+        cfg = config_from_dict(algorithm, config)
+        actual = {"batch_size": cfg.batch_size, "image_size": cfg.image_size, "patches_per_step": cfg.k}
+    else:
+        actual = {"batch_size": config.get("batch_size"), "image_size": config.get("image_size")}
+    kept["matches"] = planned == actual
+    return kept

@@ -6,9 +6,10 @@ and the cancel, retry, clone and delete buttons (forms carrying the CSRF token).
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Depends, Form, Path, Request
 from fastapi.responses import RedirectResponse, Response
 
 from backend.backbones import service as backbones
@@ -16,7 +17,7 @@ from backend.datasets import service as datasets
 from backend.deps import CurrentUser, RowId, SessionDep, SettingsDep
 from backend.errors import AppError
 from backend.models import DatasetStatus, TaskMetric
-from backend.training import predictions, service
+from backend.training import plans, predictions, service
 from backend.training.schemas import EvaluationRead, PredictionRead, TaskRead
 from backend.ui.templating import flash, render
 from worker.patchgd.config import ALGORITHMS
@@ -28,6 +29,7 @@ FORM_FIELDS = [
     ("image_size", "Image size (px)", "", "1"),
     ("patch_size", "Patch size (px)", "patchgd", "1"),
     ("sampling", "Patches sampled per inner step (fraction)", "patchgd", "any"),
+    ("patches_per_step", "Patches per inner step (k; instead of the fraction)", "patchgd", "1"),
     ("epochs", "Epochs", "", "1"),
     ("batch_size", "Batch size", "", "1"),
     ("lr_backbone", "Learning rate, backbone", "patchgd", "any"),
@@ -136,6 +138,7 @@ def _form_context(session: Any, settings: Any, user: Any, values: dict[str, Any]
         "defaults_json": json.dumps(defaults),
         "values": values or {},
         "errors": [],
+        **EMPTY_PLAN,
     }
 
 
@@ -147,12 +150,7 @@ def new_task_page(
     return render(request, "training/new.html", _form_context(session, settings, user))
 
 
-@router.post("/tasks/new")
-def create_from_form(
-    request: Request,
-    user: CurrentUser,
-    session: SessionDep,
-    settings: SettingsDep,
+def form_values(
     name: Annotated[str, Form()] = "",
     dataset_id: Annotated[str, Form()] = "",
     backbone_id: Annotated[str, Form()] = "",
@@ -161,6 +159,7 @@ def create_from_form(
     image_size: Annotated[str, Form()] = "",
     patch_size: Annotated[str, Form()] = "",
     sampling: Annotated[str, Form()] = "",
+    patches_per_step: Annotated[str, Form()] = "",
     epochs: Annotated[str, Form()] = "",
     batch_size: Annotated[str, Form()] = "",
     lr_backbone: Annotated[str, Form()] = "",
@@ -168,13 +167,19 @@ def create_from_form(
     lr: Annotated[str, Form()] = "",
     warmup_epochs: Annotated[str, Form()] = "",
     checkpoint_every_minutes: Annotated[str, Form()] = "",
-) -> Response:
-    """Create the task from the form (fields of the other algorithm are ignored); a refused field
-    re-renders the form with the reasons."""
-    given = {
+    plan_token: Annotated[str, Form()] = "",
+) -> dict[str, str]:
+    """The create form's fields as typed (strings; parsed by :func:`_hyperparameters`)."""
+    return {
+        "name": name,
+        "dataset_id": dataset_id,
+        "backbone_id": backbone_id,
+        "algorithm": algorithm,
+        "memory_budget_gib": memory_budget_gib,
         "image_size": image_size,
         "patch_size": patch_size,
         "sampling": sampling,
+        "patches_per_step": patches_per_step,
         "epochs": epochs,
         "batch_size": batch_size,
         "lr_backbone": lr_backbone,
@@ -182,47 +187,170 @@ def create_from_form(
         "lr": lr,
         "warmup_epochs": warmup_epochs,
         "checkpoint_every_minutes": checkpoint_every_minutes,
+        "plan_token": plan_token,
     }
-    values = {
-        "name": name,
-        "dataset_id": dataset_id,
-        "backbone_id": backbone_id,
-        "algorithm": algorithm,
-        "memory_budget_gib": memory_budget_gib,
-        **given,
-    }
-    hyperparameters = {
-        field: _number(given[field].strip())
+
+
+FormValues = Annotated[dict[str, str], Depends(form_values)]
+
+
+def _hyperparameters(values: dict[str, str]) -> dict[str, Any]:
+    """The hyperparameters of the form's algorithm that were filled in (fields of the other are ignored)."""
+    algorithm = values["algorithm"]
+    return {
+        field: _number(values[field].strip())
         for field, _label, only, _step in FORM_FIELDS
-        if given[field].strip() and (not only or only == algorithm)
+        if values[field].strip() and (not only or only == algorithm)
     }
+
+
+def _error_lines(exc: Exception) -> list[str]:
+    detail = getattr(exc, "detail", str(exc))
+    if isinstance(detail, list):
+        return [
+            f"{item['field']}: {item['message']}" if item.get("field") else item["message"] for item in detail
+        ]
+    return [str(detail)]
+
+
+def _budget(values: dict[str, str]) -> float | None:
+    raw = values["memory_budget_gib"].strip()
+    if not raw:
+        return None
+    budget = float(raw)
+    if not math.isfinite(budget) or not 0 < budget <= 4096:
+        raise ValueError("The memory budget must be a number of GiB above 0 and at most 4096.")
+    return budget
+
+
+@router.post("/tasks/new")
+def create_from_form(
+    request: Request, user: CurrentUser, session: SessionDep, settings: SettingsDep, values: FormValues
+) -> Response:
+    """Create the task from the form (fields of the other algorithm are ignored); a refused field
+    re-renders the form with the reasons. An accepted plan (``plan_token``) is kept by the task."""
     try:
         task = service.create_task(
             session,
             settings,
             user,
-            name=name,
-            dataset_id=int(dataset_id or 0),
-            backbone_id=int(backbone_id or 0),
-            algorithm=algorithm,
-            hyperparameters=hyperparameters,
-            memory_budget_gib=float(memory_budget_gib) if memory_budget_gib.strip() else None,
+            name=values["name"],
+            dataset_id=int(values["dataset_id"] or 0),
+            backbone_id=int(values["backbone_id"] or 0),
+            algorithm=values["algorithm"],
+            hyperparameters=_hyperparameters(values),
+            memory_budget_gib=_budget(values),
+            plan_token=values["plan_token"].strip() or None,
         )
     except (AppError, ValueError) as exc:
         context = _form_context(session, settings, user, values)
-        detail = getattr(exc, "detail", str(exc))
-        context["errors"] = (
-            [
-                f"{item['field']}: {item['message']}" if item.get("field") else item["message"]
-                for item in detail
-            ]
-            if isinstance(detail, list)
-            else [str(detail)]
-        )
+        context["errors"] = _error_lines(exc)
         return render(request, "training/new.html", context, status_code=422)
     response = RedirectResponse(f"/tasks/{task.id}", status_code=303)
     flash(response, request, "success", f"Task {task.name!r} is queued.")
     return response
+
+
+#: What the plan panel shows before anything was planned.
+EMPTY_PLAN = {"token": None, "report": None, "plan_errors": [], "accepted": "", "rows": [], "summary": ""}
+
+
+def _plan_panel(request: Request, context: dict[str, Any], status_code: int = 200) -> Response:
+    return render(request, "training/plan_panel.html", {**EMPTY_PLAN, **context}, status_code=status_code)
+
+
+@router.post("/tasks/new/plan")
+def plan_from_form(
+    request: Request, user: CurrentUser, session: SessionDep, settings: SettingsDep, values: FormValues
+) -> Response:
+    """Plan both algorithms for the form's settings and budget (a worker on the light queue); the
+    panel returned polls until the plan is there."""
+    try:
+        budget = _budget(values)
+        if budget is None or budget <= 0:
+            raise ValueError("Give a memory budget (GiB) to plan for.")
+        token = service.request_plan(
+            session,
+            settings,
+            user,
+            dataset_id=int(values["dataset_id"] or 0),
+            backbone_id=int(values["backbone_id"] or 0),
+            algorithm=values["algorithm"],
+            hyperparameters=_hyperparameters(values),
+            memory_budget_gib=budget,
+            algorithms=list(ALGORITHMS),
+        )
+    except (AppError, ValueError) as exc:
+        return _plan_panel(request, {"plan_errors": _error_lines(exc)}, status_code=422)
+    return _plan_panel(request, {"token": token, "report": None})
+
+
+def _plan_context(report: dict[str, Any], token: str, accepted: str = "") -> dict[str, Any]:
+    entries = report.get("algorithms") or {}
+    rows = [
+        {
+            "algorithm": name,
+            "title": "PatchGD" if name == "patchgd" else "Baseline",
+            "phrase": plans.algorithm_phrase(name, entries[name], float(report.get("budget_gib") or 0)),
+            **entries[name],
+        }
+        for name in ("patchgd", "baseline")
+        if name in entries
+    ]
+    return {
+        "token": token,
+        "report": report,
+        "summary": plans.plan_sentence(report),
+        "rows": rows,
+        "accepted": accepted,
+    }
+
+
+@router.get("/tasks/new/plan/{token}")
+def plan_panel(
+    request: Request, token: Annotated[str, Path(max_length=64)], user: CurrentUser, settings: SettingsDep
+) -> Response:
+    """The plan panel: still planning (it polls again), or both algorithms with an Accept button each."""
+    report = service.read_plan(settings, user, token)
+    if report is None:
+        return _plan_panel(request, {"token": token, "report": None})
+    return _plan_panel(request, _plan_context(report, token))
+
+
+@router.post("/tasks/new/plan/accept")
+def accept_plan(
+    request: Request,
+    user: CurrentUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    values: FormValues,
+    plan_algorithm: Annotated[str, Form()] = "",
+) -> Response:
+    """Accept one algorithm's plan: the form comes back with the algorithm, batch size, patches
+    per step and image size filled in, and the plan's token, so the task created keeps the plan."""
+    token = values["plan_token"].strip()
+    report = service.read_plan(settings, user, token) if token else None
+    context = _form_context(session, settings, user, values)
+    if report is None:
+        context["errors"] = ["There is no finished plan to accept; press Plan first."]
+        return render(request, "training/form.html", context, status_code=422)
+    try:
+        filled = plans.accepted_values(report, plan_algorithm)
+    except ValueError as exc:
+        context["errors"] = [str(exc)]
+        context.update(_plan_context(report, token))
+        return render(request, "training/form.html", context, status_code=422)
+    context["values"] = {
+        **values,
+        **{
+            k: "" if v is None else str(v)
+            for k, v in filled.items()
+            if k != "memory_budget_gib" or not values["memory_budget_gib"].strip()
+        },
+        "plan_token": token,
+    }
+    context.update(_plan_context(report, token, accepted=plan_algorithm))
+    return render(request, "training/form.html", context)
 
 
 @router.get("/tasks/{task_id:row_id}")

@@ -170,12 +170,24 @@ def test_commands_environment_and_banner(tmp_path: Path, monkeypatch: pytest.Mon
     settings = Settings(data_dir=tmp_path, host="127.0.0.1", port=8123, worker_concurrency=2)
 
     commands = child_commands(settings, with_beat=False)
-    assert list(commands) == ["web server", "worker"]
+    assert list(commands) == ["web server", "training worker", "light worker"]
     web = commands["web server"]
     assert web[:3] == [sys.executable, "-m", "uvicorn"]
     assert web[web.index("--port") + 1] == "8123"
-    worker = commands["worker"]
-    assert worker[worker.index("--concurrency") + 1] == "2"
+
+    def option(command: list[str], name: str) -> str:
+        return command[command.index(name) + 1]
+
+    # Trainings on a worker of their own, one message at a time per process; everything short
+    # (plans, validations, the reaper) on another, so it never waits behind a training run.
+    training, light = commands["training worker"], commands["light worker"]
+    assert option(training, "--queues") == "tessera.training"
+    assert option(training, "--concurrency") == "2"
+    assert option(training, "--prefetch-multiplier") == "1"
+    assert option(light, "--queues") == "celery,tessera.light"
+    assert option(light, "--concurrency") == str(settings.light_worker_concurrency)
+    assert option(training, "--hostname") != option(light, "--hostname")
+    assert all(option(c, "--pool") == "prefork" for c in (training, light))
     assert "beat" in child_commands(settings, with_beat=True)["scheduler"]
 
     env = child_environment(settings)

@@ -67,7 +67,8 @@ def test_prefork_worker_computes_a_measured_plan(
         channels_last=False,
     )
 
-    enqueue(worker_settings, PLAN_TASK, token, "patchgd", cfg.to_dict(), BUDGET_GIB, False)
+    # Measured (verify defaults to true in the job): the choice is confirmed by a trial.
+    enqueue(worker_settings, PLAN_TASK, token, {"patchgd": cfg.to_dict()}, BUDGET_GIB, False)
 
     deadline = time.monotonic() + PLAN_TIMEOUT_SECONDS
     while not report_path.exists():
@@ -79,6 +80,7 @@ def test_prefork_worker_computes_a_measured_plan(
 
     report = json.loads(report_path.read_text())
     assert report["token"] == token and report["algorithm"] == "patchgd"
+    assert set(report["algorithms"]) == {"patchgd"} and report["verified"] is True
     # The prefork pool ran the task in a child of the worker's main process.
     assert report["pid"] != prefork_worker.pid
     assert report["fits"], report["reason"]

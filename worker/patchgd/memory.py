@@ -559,7 +559,9 @@ def _patchgd_param_counts(cfg: PatchGDConfig) -> tuple[int, int]:
         cfg.in_channels,
     )
     if key not in _PARAM_COUNTS:
-        model = build_patchgd_model(cfg, load_pretrained=False)
+        # On the meta device: shapes only, no memory and no random initialisation to wait for.
+        with torch.device("meta"):
+            model = build_patchgd_model(cfg, load_pretrained=False)
         _PARAM_COUNTS[key] = (
             sum(p.numel() for p in model.backbone.parameters()),
             sum(p.numel() for p in model.head.parameters()),
@@ -570,7 +572,8 @@ def _patchgd_param_counts(cfg: PatchGDConfig) -> tuple[int, int]:
 def _baseline_param_count(cfg: BaselineConfig) -> int:
     key = ("baseline", cfg.backbone, cfg.num_classes, cfg.in_channels)
     if key not in _PARAM_COUNTS:
-        model = build_baseline_model(cfg, load_pretrained=False)
+        with torch.device("meta"):
+            model = build_baseline_model(cfg, load_pretrained=False)
         _PARAM_COUNTS[key] = (sum(p.numel() for p in model.parameters()), 0)
     return _PARAM_COUNTS[key][0]
 
@@ -956,6 +959,24 @@ def _model_terms(
             cache_file=cache_file,
         )
     return {"bytes_per_pixel": calibration.bytes_per_pixel, "overhead_bytes": calibration.overhead_bytes}
+
+
+def predict_peak(
+    cfg: PatchGDConfig | BaselineConfig,
+    device: str = "cpu",
+    *,
+    streamed: bool = False,
+    calibration: Calibration | None = None,
+    cache_file: str | os.PathLike[str] | None = None,
+) -> MemoryEstimate:
+    """The analytic model's peak of one training step of `cfg` exactly as configured (no search):
+    what the settings would need, whatever the budget."""
+    model_terms = _model_terms(cfg, device, calibration, cache_file)
+    if isinstance(cfg, PatchGDConfig):
+        return estimate_patchgd_bytes(cfg, **model_terms, streaming=streamed)
+    if isinstance(cfg, BaselineConfig):
+        return estimate_baseline_bytes(cfg, **model_terms)
+    raise TypeError(f"expected a PatchGDConfig or BaselineConfig, got {type(cfg).__name__}")
 
 
 def plan_patchgd(

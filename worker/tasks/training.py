@@ -7,6 +7,7 @@ imported inside the task bodies, so importing this module stays torch-free.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -14,6 +15,8 @@ import re
 import time
 from pathlib import Path
 from typing import Any
+
+from celery import signals
 
 from backend.config import get_settings
 from backend.queue import MEMORY_PLAN, TRAINING_EXPORT, TRAINING_REAP, TRAINING_REDISPATCH, TRAINING_TRAIN
@@ -38,51 +41,120 @@ def plan_report_path(data_dir: Path, token: str) -> Path:
     return data_dir / PLAN_DIR / f"{token}.json"
 
 
-@celery_app.task(name=MEMORY_PLAN)
-def plan_memory(
-    token: str,
+def plan_one(
     algorithm: str,
     config: dict[str, Any],
     budget_gib: float,
+    device: str,
+    *,
     streamed: bool = False,
-    device: str | None = None,
+    verify: bool = True,
+    cache_file: Path | None = None,
 ) -> dict[str, Any]:
-    """Choose settings for `config` (hyperparameters of `algorithm`, ``patchgd`` or
-    ``baseline``) that fit `budget_gib`, verified by a measured trial on this worker.
-
-    Writes ``{token, algorithm, fits, batch_size, patches_per_step, image_size, predicted_bytes,
-    measured_bytes, reason, plan}`` to ``<data_dir>/memory_plans/<token>.json`` and returns it.
-    The measured trial runs in a child interpreter, which works inside prefork pool processes.
-    """
-    import torch
-
+    """Plan one algorithm's settings under the budget: what the settings as given would need
+    (``requested``, ``requested_bytes``), and what the planner chooses (batch and k for PatchGD;
+    batch, then resolution, for the baseline), whether it fits, predicted and measured peaks."""
     from worker.patchgd.config import config_from_dict
-    from worker.patchgd.memory import plan
+    from worker.patchgd.memory import plan, predict_peak
 
-    settings = get_settings()
-    path = plan_report_path(settings.data_dir, token)
     cfg = config_from_dict(algorithm, config)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = plan(
-        cfg,
-        budget_gib,
-        device,
-        streamed=streamed,
-        cache_file=settings.data_dir / CALIBRATION_FILE,
-    )
-    report: dict[str, Any] = {
-        "token": token,
-        "pid": os.getpid(),
-        "device": device,
+    as_given = predict_peak(cfg, device, streamed=streamed, cache_file=cache_file)
+    result = plan(cfg, budget_gib, device, streamed=streamed, verify=verify, cache_file=cache_file)
+    requested: dict[str, Any] = {"batch_size": cfg.batch_size, "image_size": cfg.image_size}
+    if algorithm == "patchgd":
+        requested["patches_per_step"] = cfg.k
+    return {
         "algorithm": result.algorithm,
         "fits": result.fits,
+        "verified": result.measured_bytes is not None,
+        "requested": requested,
+        "requested_bytes": as_given.total_bytes,
+        "requested_fits": as_given.total_bytes <= budget_gib * (1 << 30),
         "batch_size": result.batch_size,
         "patches_per_step": result.patches_per_step,
-        "image_size": result.image_size,
+        "image_size": result.image_size
+        if result.image_size is not None
+        else (cfg.image_size if result.fits else None),
         "predicted_bytes": result.predicted_bytes,
         "measured_bytes": result.measured_bytes,
         "reason": result.reason,
         "plan": result.to_dict(),
+    }
+
+
+@signals.worker_process_init.connect
+def _import_the_planner_early(**_: Any) -> None:
+    """Import the engine's memory model in a new pool process, in the background: a plan then
+    answers in seconds from its first request (importing torch and torchvision is most of a
+    first plan's time otherwise). Only the import: CUDA is not touched."""
+    import threading
+
+    threading.Thread(
+        target=importlib.import_module, args=("worker.patchgd.memory",), name="tessera-warm-up", daemon=True
+    ).start()
+
+
+@celery_app.task(name=MEMORY_PLAN)
+def plan_memory(
+    token: str,
+    configs: dict[str, dict[str, Any]],
+    budget_gib: float,
+    streamed: bool = False,
+    device: str | None = None,
+    verify: bool = True,
+    primary: str | None = None,
+) -> dict[str, Any]:
+    """Plan each algorithm of `configs` (``{"patchgd": {...}, "baseline": {...}}``, the
+    hyperparameters of each) under `budget_gib` on this worker's device.
+
+    With `verify`, each choice is confirmed by a measured trial (in a child interpreter, which
+    works inside prefork pool processes); without, the calibrated model answers (seconds, once the
+    backbone's calibration is cached in ``<data_dir>/memory_calibration.json``). Writes
+    ``{token, device, budget_gib, seconds, algorithms: {name: plan_one(...)}}`` plus, at the top,
+    the fields of the `primary` algorithm's plan (default: the first) to
+    ``<data_dir>/memory_plans/<token>.json`` and returns it.
+    """
+    return make_plan(get_settings(), token, configs, budget_gib, streamed, device, verify, primary)
+
+
+def make_plan(
+    settings,  # noqa: ANN001 (Settings)
+    token: str,
+    configs: dict[str, dict[str, Any]],
+    budget_gib: float,
+    streamed: bool = False,
+    device: str | None = None,
+    verify: bool = True,
+    primary: str | None = None,
+) -> dict[str, Any]:
+    """The body of ``memory.plan`` (see :func:`plan_memory`) for explicit settings."""
+    import torch
+
+    started = time.monotonic()
+    path = plan_report_path(settings.data_dir, token)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cache_file = settings.data_dir / CALIBRATION_FILE
+    plans = {
+        algorithm: plan_one(
+            algorithm,
+            config,
+            budget_gib,
+            device,
+            streamed=streamed and algorithm == "patchgd",
+            verify=verify,
+            cache_file=cache_file,
+        )
+        for algorithm, config in configs.items()
+    }
+    first = primary if primary in plans else next(iter(plans))
+    report: dict[str, Any] = {
+        **plans[first],
+        "token": token,
+        "pid": os.getpid(),
+        "device": device,
+        "budget_gib": float(budget_gib),
+        "algorithms": plans,
+        "seconds": round(time.monotonic() - started, 3),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".tmp")
@@ -198,6 +270,12 @@ class _Lease:
         return self.cancel or self.lost
 
 
+def _is_cuda_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
 def _worker_id() -> str:
     import socket
     import uuid
@@ -231,6 +309,9 @@ def run_task(settings, task_id: int) -> str:  # noqa: ANN001, C901 (Settings; on
             if isinstance(exc, EngineError):
                 logger.info("task %s failed: %s", task_id, exc)
                 message = str(exc)
+            elif _is_cuda_oom(exc) and spec.get("memory_budget_gib"):
+                logger.info("task %s ran out of its memory budget: %s", task_id, exc)
+                message = OVER_BUDGET_ERROR.format(budget=spec["memory_budget_gib"])
             else:
                 logger.exception("task %s failed unexpectedly", task_id)
                 message = GENERIC_ERROR.format(kind=type(exc).__name__)
@@ -242,6 +323,38 @@ def run_task(settings, task_id: int) -> str:  # noqa: ANN001, C901 (Settings; on
     service.finish(settings, task_id, worker_id, status, final_metrics=final, artifacts=artifacts)
     logger.info("task %s %s", task_id, status.value)
     return status.value
+
+
+def apply_budget(budget_gib: float | None, device: Any) -> dict[str, Any] | None:
+    """Hold the run to its memory budget where the device allows it.
+
+    On CUDA the caching allocator is capped at the budget (``enforce_budget``): an allocation past
+    it raises out-of-memory instead of using the rest of the card. On CPU nothing can cap a
+    process's memory this way; the measured peak is still recorded against the budget and a run
+    over it is reported (a warning, not a failure). Returns what was done (None: no budget).
+    """
+    if device.type == "cuda" and not budget_gib:
+        import torch
+
+        # A pool process trains one task after another: lift the cap an earlier task set.
+        torch.cuda.set_per_process_memory_fraction(1.0, device.index or 0)
+        return None
+    if not budget_gib:
+        return None
+    if device.type == "cuda":
+        from worker.patchgd.memory import enforce_budget
+
+        fraction = enforce_budget(float(budget_gib), str(device))
+        logger.info("memory budget %.2f GiB enforced on %s (fraction %.3f)", budget_gib, device, fraction)
+        return {"device": "cuda", "enforced": True, "fraction": round(fraction, 6)}
+    return {"device": device.type, "enforced": False}
+
+
+#: The error of a run that ran out of its enforced budget on a GPU.
+OVER_BUDGET_ERROR = (
+    "Training ran out of its memory budget of {budget:g} GiB on the GPU. Plan the task with this "
+    "budget (the new-task form's Plan button) and accept the plan, or raise the budget."
+)
 
 
 def _train(settings, task_id: int, worker_id: str, spec: dict[str, Any], lease: _Lease):  # noqa: ANN001, ANN202
@@ -270,6 +383,9 @@ def _train(settings, task_id: int, worker_id: str, spec: dict[str, Any], lease: 
     if "train" not in loaders:
         raise DatasetError("the dataset's training split is empty")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    memory = apply_budget(spec.get("memory_budget_gib"), device)
+    if memory is not None:
+        service.record_memory_setup(settings, task_id, worker_id, memory)
 
     def on_epoch_end(metrics: Any) -> None:
         data = metrics.to_dict()
