@@ -5,7 +5,15 @@ from backend.models.backbone import BACKBONE_NAME_MAX_LENGTH, Backbone, Backbone
 from backend.models.base import Base, utcnow
 from backend.models.dataset import DATASET_NAME_MAX_LENGTH, Dataset, DatasetStatus
 from backend.models.login_attempt import LoginAttempt
-from backend.models.task import TASK_NAME_MAX_LENGTH, TERMINAL_STATUSES, Task, TaskMetric, TaskStatus
+from backend.models.task import (
+    TASK_EVENTS_KEPT,
+    TASK_NAME_MAX_LENGTH,
+    TERMINAL_STATUSES,
+    Task,
+    TaskEvent,
+    TaskMetric,
+    TaskStatus,
+)
 from backend.models.user import USERNAME_MAX_LENGTH, Role, User
 from backend.models.user_session import SESSION_ID_LENGTH, UserSession
 
@@ -13,6 +21,7 @@ __all__ = [
     "BACKBONE_NAME_MAX_LENGTH",
     "DATASET_NAME_MAX_LENGTH",
     "SESSION_ID_LENGTH",
+    "TASK_EVENTS_KEPT",
     "TASK_NAME_MAX_LENGTH",
     "TERMINAL_STATUSES",
     "TOKEN_NAME_MAX_LENGTH",
@@ -26,6 +35,7 @@ __all__ = [
     "LoginAttempt",
     "Role",
     "Task",
+    "TaskEvent",
     "TaskMetric",
     "TaskStatus",
     "TokenKind",
