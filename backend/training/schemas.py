@@ -50,13 +50,25 @@ class TaskProgress(BaseModel):
     phase: str
 
 
+class PatchCoverage(BaseModel):
+    """PatchGD: how often each cell of the n×n patch grid was sampled for a gradient pass so far
+    (``counts``: n*n numbers, row by row; ``sampled``: their sum, the patches sampled)."""
+
+    n: int
+    counts: list[int]
+    sampled: int
+    min: int
+    max: int
+
+
 class TaskRead(BaseModel):
     """A task: what it trains, where it is, what came out.
 
-    ``queue_position`` (1 = next) is set while it is queued. ``best`` is the epoch with the highest
-    validation accuracy; ``final_metrics`` the final model's evaluation on the dataset's held-out
-    split (``split``, ``accuracy``, ``qwk``, ``per_class_recall``, ``confusion_matrix``,
-    ``classes``). ``error`` says why a task failed, in words meant for you.
+    ``queue_position`` (1 = next) is set while it is queued. ``patch_coverage`` (PatchGD, one
+    task's read only; ``null`` in the list) is the grid's sampling counts so far. ``best`` is the
+    epoch with the highest validation accuracy; ``final_metrics`` the final model's evaluation on
+    the dataset's held-out split (``split``, ``accuracy``, ``qwk``, ``per_class_recall``,
+    ``confusion_matrix``, ``classes``). ``error`` says why a task failed, in words meant for you.
     """
 
     id: int
@@ -76,6 +88,7 @@ class TaskRead(BaseModel):
     plan: dict[str, Any]
     peak_memory_bytes: int
     best: dict[str, Any] | None
+    patch_coverage: PatchCoverage | None = None
     final_metrics: dict[str, Any]
     created_at: datetime
     started_at: datetime | None
@@ -84,7 +97,12 @@ class TaskRead(BaseModel):
 
     @classmethod
     def of(
-        cls, task: Task, *, queue_position: int | None = None, best: dict[str, Any] | None = None
+        cls,
+        task: Task,
+        *,
+        queue_position: int | None = None,
+        best: dict[str, Any] | None = None,
+        coverage: dict[str, Any] | None = None,
     ) -> TaskRead:
         """The API view of a row."""
         return cls(
@@ -115,6 +133,7 @@ class TaskRead(BaseModel):
             plan=task.plan or {},
             peak_memory_bytes=task.peak_memory_bytes,
             best=best,
+            patch_coverage=PatchCoverage(**coverage) if coverage else None,
             final_metrics=task.final_metrics or {},
             created_at=task.created_at,
             started_at=task.started_at,
@@ -176,3 +195,18 @@ class PlanStatus(BaseModel):
     token: str
     status: Literal["planning", "done"]
     report: dict[str, Any] | None = None
+
+
+class TaskEventRead(BaseModel):
+    """One line of a task's log. ``kind``: claimed, resumed, epoch, checkpoint, cancel_requested,
+    cancel_seen, lease_lost, requeued, queued, error, finished."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    kind: str
+    message: str
+    attempt: int
+    worker_id: str
+    data: dict[str, Any]
+    created_at: datetime

@@ -25,20 +25,20 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import case, delete, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from backend.config import Settings
 from backend.datasets.service import REPORT_FILE, dataset_dir
 from backend.db import run_after_commit, session_scope
 from backend.errors import AppError, Conflict, Invalid, NotFound
 from backend.models import (
+    TASK_EVENTS_KEPT,
     TASK_NAME_MAX_LENGTH,
     TERMINAL_STATUSES,
     Backbone,
     BackboneStatus,
     Dataset,
     DatasetStatus,
-    TASK_EVENTS_KEPT,
     Task,
     TaskEvent,
     TaskMetric,
@@ -224,7 +224,10 @@ def create_task(
 def list_tasks(session: Session, user: User) -> Sequence[Task]:
     """The user's tasks, newest first."""
     return session.scalars(
-        select(Task).where(Task.owner_id == user.id).order_by(Task.created_at.desc(), Task.id.desc())
+        select(Task)
+        .where(Task.owner_id == user.id)
+        .options(defer(Task.patch_coverage))  # the list never shows it; it is the row's largest value
+        .order_by(Task.created_at.desc(), Task.id.desc())
     ).all()
 
 
@@ -242,10 +245,12 @@ def queue_positions(session: Session) -> dict[int, int]:
     return {task_id: position for position, task_id in enumerate(ids, start=1)}
 
 
-def list_metrics(session: Session, task: Task) -> Sequence[TaskMetric]:
-    """The task's per-epoch metrics, in epoch order."""
+def list_metrics(session: Session, task: Task, *, after: int = -1) -> Sequence[TaskMetric]:
+    """The task's per-epoch metrics (those after epoch ``after``, 0-based), in epoch order."""
     return session.scalars(
-        select(TaskMetric).where(TaskMetric.task_id == task.id).order_by(TaskMetric.epoch)
+        select(TaskMetric)
+        .where(TaskMetric.task_id == task.id, TaskMetric.epoch > after)
+        .order_by(TaskMetric.epoch)
     ).all()
 
 
@@ -431,7 +436,9 @@ def record_event(
         add_event(session, task_id, kind, message, attempt=attempt, worker_id=worker_id, data=data)
 
 
-def list_events(session: Session, task: Task, *, after: int = 0, limit: int = TASK_EVENTS_KEPT) -> list[TaskEvent]:
+def list_events(
+    session: Session, task: Task, *, after: int = 0, limit: int = TASK_EVENTS_KEPT
+) -> list[TaskEvent]:
     """The task's events with an id above ``after``: the newest ``limit`` of them, oldest first."""
     rows = session.scalars(
         select(TaskEvent)
@@ -611,7 +618,6 @@ def epoch_line(metrics: dict[str, Any]) -> str:
     parts.append(f"{float(metrics.get('images_per_s') or 0):.1f} images/s")
     parts.append(f"peak {int(metrics.get('peak_memory_bytes') or 0) / 2**20:.0f} MiB")
     return ", ".join(parts) + "."
-
 
 
 def finish(

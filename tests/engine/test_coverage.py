@@ -107,7 +107,10 @@ def test_resume_keeps_the_counts_exact(tmp_path: Path) -> None:
     )
     assert first.status == "stopped"
     resumed, _ = _run(
-        cfg, checkpoint_dir=tmp_path, resume_from="auto", on_event=lambda kind, info: events.append((kind, info))
+        cfg,
+        checkpoint_dir=tmp_path,
+        resume_from="auto",
+        on_event=lambda kind, info: events.append((kind, info)),
     )
     assert resumed.status == "succeeded"
     assert resumed.patch_coverage == straight.patch_coverage

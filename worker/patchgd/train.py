@@ -879,7 +879,13 @@ def train(
             if on_event is not None:
                 on_event(
                     "checkpoint",
-                    {"epoch": epoch + 1, "batch": 0, "step": step, "path": str(checkpoint_path), "reason": "epoch"},
+                    {
+                        "epoch": epoch + 1,
+                        "batch": 0,
+                        "step": step,
+                        "path": str(checkpoint_path),
+                        "reason": "epoch",
+                    },
                 )
         if on_epoch_end is not None:
             on_epoch_end(metrics)

@@ -143,6 +143,11 @@ class _Lease:
         self.cancel = False
         self.last_write = 0.0
         self.first_step: int | None = None
+        self.memory_total_bytes = 0
+        self.coverage_n = 0
+        self.last_coverage: list[int] | None = None
+        self._cancel_noted = False
+        self._lost_noted = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         interval = min(HEARTBEAT_MAX_INTERVAL_SECONDS, settings.task_lease_seconds / 3)
@@ -170,6 +175,37 @@ class _Lease:
             self.lost = self.lost or not mine
             self.cancel = cancel
             self.last_write = time.monotonic()
+        self._note_changes()
+
+    def event(self, kind: str, message: str, **data: Any) -> None:
+        """One line in the task's log (never fatal: the log is not worth a training run)."""
+        from backend.training import service
+
+        try:
+            service.record_event(
+                self.settings, self.task_id, kind, message, worker_id=self.worker_id, data=data
+            )
+        except Exception:
+            logger.warning("event %s of task %s not written", kind, self.task_id, exc_info=True)
+
+    def _note_changes(self) -> None:
+        if self.cancel and not self._cancel_noted:
+            self._cancel_noted = True
+            self.event("cancel_seen", "The worker saw the cancel request; stopping at the next step.")
+        if self.lost and not self._lost_noted:
+            self._lost_noted = True
+            self.event(
+                "lease_lost",
+                f"Worker {self.worker_id} lost its lease (another worker took the task over); it stops "
+                "without writing results.",
+            )
+
+    def coverage(self, counts: list[int] | None) -> dict[str, Any]:
+        """The ``patch_coverage`` column's value for the engine's counts (empty for the baseline)."""
+        if counts is None or not self.coverage_n:
+            return {}
+        self.last_coverage = counts
+        return {"n": self.coverage_n, "counts": counts, "sampled": int(sum(counts))}
 
     def _beat(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -180,9 +216,20 @@ class _Lease:
 
         if self.first_step is None and progress.phase == "train":
             self.first_step = progress.step
-            service.note_attempt(self.settings, self.task_id, self.worker_id, first_step=progress.step)
+            service.note_attempt(
+                self.settings,
+                self.task_id,
+                self.worker_id,
+                first_step=progress.step,
+                memory_total_bytes=self.memory_total_bytes,
+            )
+        if progress.patch_coverage is not None:
+            self.last_coverage = progress.patch_coverage
         if time.monotonic() - self.last_write < self.settings.task_progress_interval_seconds:
             return
+        extra = {}
+        if progress.patch_coverage is not None:
+            extra["patch_coverage"] = self.coverage(progress.patch_coverage)
         self.beat(
             epoch=progress.epoch,
             step=progress.step,
@@ -192,6 +239,8 @@ class _Lease:
             images_per_s=float(progress.images_per_s),
             patches_per_s=float(progress.patches_per_s),
             phase=progress.phase[:32],
+            peak_memory_bytes=int(progress.peak_memory_bytes),
+            **extra,
         )
 
     def should_stop(self) -> bool:
@@ -227,6 +276,7 @@ def run_task(settings, task_id: int) -> str:  # noqa: ANN001, C901 (Settings; on
 
             if lease.lost:
                 logger.warning("task %s lost its lease and stopped: %s", task_id, exc)
+                lease.event("error", f"Stopped after losing the lease: {type(exc).__name__}.")
                 return "lost"
             if isinstance(exc, EngineError):
                 logger.info("task %s failed: %s", task_id, exc)
@@ -270,12 +320,31 @@ def _train(settings, task_id: int, worker_id: str, spec: dict[str, Any], lease: 
     if "train" not in loaders:
         raise DatasetError("the dataset's training split is empty")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lease.memory_total_bytes = device_memory_bytes(device)
+    lease.coverage_n = cfg.grid.n if spec["algorithm"] == "patchgd" else 0
 
     def on_epoch_end(metrics: Any) -> None:
         data = metrics.to_dict()
         data.pop("val_report", None)
         service.record_epoch(settings, task_id, worker_id, data)
-        lease.beat(epoch=metrics.epoch + 1)
+        # The counts of the epoch's last step are the epoch's (evaluation samples no patches).
+        lease.beat(epoch=metrics.epoch + 1, **_coverage_values(lease))
+
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        if kind == "resumed":
+            lease.event(
+                "resumed",
+                f"Resumed from the checkpoint at epoch {info['epoch'] + 1}, batch {info['batch']} "
+                f"(step {info['step']}).",
+                **info,
+            )
+        elif kind == "checkpoint":
+            where = (
+                f"end of epoch {info['epoch']}"
+                if info["reason"] == "epoch"
+                else f"timed, epoch {info['epoch'] + 1}"
+            )
+            lease.event("checkpoint", f"Checkpoint saved at step {info['step']} ({where}).", **info)
 
     result = train(
         cfg,
@@ -287,7 +356,11 @@ def _train(settings, task_id: int, worker_id: str, spec: dict[str, Any], lease: 
         should_stop=lease.should_stop,
         checkpoint_dir=spec["checkpoint_dir"],
         resume_from="auto",
+        on_event=on_event,
     )
+    if result.patch_coverage is not None:
+        lease.last_coverage = result.patch_coverage
+        lease.beat(**_coverage_values(lease))
     artifacts = service.current_artifacts(settings, task_id)
     if lease.lost:
         return TaskStatus.FAILED, None, artifacts
@@ -311,6 +384,20 @@ def _train(settings, task_id: int, worker_id: str, spec: dict[str, Any], lease: 
         logger.warning("task %s: export failed: %s", task_id, exc)
         artifacts["export_error"] = str(exc)
     return TaskStatus.SUCCEEDED, final, artifacts
+
+
+def _coverage_values(lease: _Lease) -> dict[str, Any]:
+    return {"patch_coverage": lease.coverage(lease.last_coverage)} if lease.last_coverage is not None else {}
+
+
+def device_memory_bytes(device: Any) -> int:
+    """The memory of the device a run trains on: the GPU's, or the machine's RAM on CPU."""
+    import psutil
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return int(psutil.virtual_memory().total)
 
 
 @celery_app.task(name=TRAINING_TRAIN)
