@@ -430,7 +430,7 @@ def progress_writes(repeats: int, steps: int) -> dict[str, Any]:
 
     from backend.config import Settings
     from backend.db import session_scope, upgrade_database
-    from backend.models import Backbone, Dataset, Task, TaskStatus, User
+    from backend.models import Backbone, Dataset, Role, Task, TaskStatus, User
     from backend.models.base import utcnow
     from backend.training import service
     from worker.patchgd.config import PatchGDConfig
@@ -449,7 +449,7 @@ def progress_writes(repeats: int, steps: int) -> dict[str, Any]:
     loader = DataLoader(TensorDataset(images, labels), batch_size=2)
 
     with session_scope(base) as session:
-        user = User(username="bench", password_hash="x")
+        user = User(username="bench", password_hash="x", role=Role.MEMBER)
         session.add(user)
         session.flush()
         dataset = Dataset(owner_id=user.id, name="bench")
@@ -499,7 +499,8 @@ def progress_writes(repeats: int, steps: int) -> dict[str, Any]:
 
         service.heartbeat = timed  # counts the writes the lease makes (the real function runs)
         try:
-            result = train(cfg, loader, None, device="cpu", on_progress=lease.on_progress)
+            with lease:  # its thread writes, as in the worker
+                result = train(cfg, loader, None, device="cpu", on_progress=lease.on_progress)
         finally:
             service.heartbeat = original
         return result.steps * cfg.batch_size / result.seconds, writes

@@ -254,9 +254,14 @@ def list_metrics(session: Session, task: Task, *, after: int = -1) -> Sequence[T
     ).all()
 
 
-def best_metrics(session: Session, task: Task) -> dict[str, Any] | None:
-    """The epoch with the highest validation accuracy (ties: the earliest), if any was evaluated."""
-    rows = [m for m in list_metrics(session, task) if m.val_accuracy is not None]
+def best_metrics(
+    session: Session, task: Task, metrics: Sequence[TaskMetric] | None = None
+) -> dict[str, Any] | None:
+    """The epoch with the highest validation accuracy (ties: the earliest), if any was evaluated
+    (``metrics``: the task's rows when the caller has them already)."""
+    if metrics is None:
+        metrics = list_metrics(session, task)
+    rows = [m for m in metrics if m.val_accuracy is not None]
     if not rows:
         return None
     best = max(rows, key=lambda m: (m.val_accuracy, -m.epoch))

@@ -21,7 +21,7 @@ from backend.backbones import service as backbones
 from backend.datasets import service as datasets
 from backend.deps import CurrentUser, RowId, SessionDep, SettingsDep
 from backend.errors import AppError
-from backend.models import DatasetStatus, TaskMetric
+from backend.models import DatasetStatus, TaskMetric, TaskStatus
 from backend.training import service
 from backend.training.schemas import TaskRead
 from backend.ui.templating import flash, render
@@ -140,15 +140,17 @@ def _context(
 ) -> dict[str, Any]:
     """What the page and its status fragment show; with ``after_epoch``/``after_event`` (the
     fragment's poll) the epochs and log lines the page does not have yet."""
-    positions = service.queue_positions(session)
+    # Polled by every open page: one query each for the metrics and the log, the queue only
+    # while the task waits in it.
+    positions = service.queue_positions(session) if task.status == TaskStatus.QUEUED else {}
     coverage = service.coverage_view(task)
+    metrics = list(service.list_metrics(session, task))
     view = TaskRead.of(
         task,
         queue_position=positions.get(task.id),
-        best=service.best_metrics(session, task),
+        best=service.best_metrics(session, task, metrics),
         coverage=coverage,
     )
-    metrics = list(service.list_metrics(session, task))
     if after_event is None:
         events = service.list_events(session, task, limit=EVENTS_SHOWN)
     else:

@@ -130,8 +130,14 @@ def dataset_index_from_report(dataset_dir: Path, report: dict[str, Any]):  # noq
 
 
 class _Lease:
-    """The worker's side of a claimed task: heartbeats (a background thread, and every progress
-    write), the cancel flag and whether the lease is still ours."""
+    """The worker's side of a claimed task: heartbeats, the cancel flag and whether the lease is
+    still ours.
+
+    A background thread writes the heartbeats and the progress: the training loop only hands it
+    the newest snapshot (at most every ``task_progress_interval_seconds``), so a slow database
+    never stalls a training step. Synchronous writes (:meth:`beat`, at an epoch's end) drop an
+    older snapshot still waiting, so the row never goes back in time.
+    """
 
     def __init__(self, settings, task_id: int, worker_id: str) -> None:  # noqa: ANN001 (Settings)
         import threading
@@ -141,7 +147,7 @@ class _Lease:
         self.worker_id = worker_id
         self.lost = False
         self.cancel = False
-        self.last_write = 0.0
+        self.last_progress = 0.0
         self.first_step: int | None = None
         self.memory_total_bytes = 0
         self.coverage_n = 0
@@ -150,6 +156,11 @@ class _Lease:
         self._lost_noted = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._pending: dict[str, Any] | None = None
+        # Guards only the hand-over of the snapshot (never held during a write, so the training
+        # loop never waits for the database); ``_lock`` serialises the writes.
+        self._handover = threading.Lock()
         interval = min(HEARTBEAT_MAX_INTERVAL_SECONDS, settings.task_lease_seconds / 3)
         self._thread = threading.Thread(
             target=self._beat, args=(interval,), name=f"tessera-lease-{task_id}", daemon=True
@@ -161,21 +172,27 @@ class _Lease:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=30)
 
     def beat(self, **progress: Any) -> None:
+        """Write now (extending the lease), from the calling thread."""
+        with self._lock:
+            with self._handover:
+                self._pending = None  # older than this write: it must not land after it
+            self._write(progress)
+        self._note_changes()
+
+    def _write(self, progress: dict[str, Any]) -> None:
         from backend.training import service
 
-        with self._lock:
-            try:
-                mine, cancel = service.heartbeat(self.settings, self.task_id, self.worker_id, **progress)
-            except Exception:  # a database hiccup: the next beat tries again (the lease has slack)
-                logger.warning("heartbeat of task %s failed", self.task_id, exc_info=True)
-                return
-            self.lost = self.lost or not mine
-            self.cancel = cancel
-            self.last_write = time.monotonic()
-        self._note_changes()
+        try:
+            mine, cancel = service.heartbeat(self.settings, self.task_id, self.worker_id, **progress)
+        except Exception:  # a database hiccup: the next beat tries again (the lease has slack)
+            logger.warning("heartbeat of task %s failed", self.task_id, exc_info=True)
+            return
+        self.lost = self.lost or not mine
+        self.cancel = cancel
 
     def event(self, kind: str, message: str, **data: Any) -> None:
         """One line in the task's log (never fatal: the log is not worth a training run)."""
@@ -208,8 +225,14 @@ class _Lease:
         return {"n": self.coverage_n, "counts": counts, "sampled": int(sum(counts))}
 
     def _beat(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            self.beat()
+        while not self._stop.is_set():
+            self._wake.wait(interval)
+            self._wake.clear()
+            with self._lock:
+                with self._handover:
+                    pending, self._pending = self._pending, None
+                self._write(pending or {})
+            self._note_changes()
 
     def on_progress(self, progress: Any) -> None:
         from backend.training import service
@@ -225,12 +248,14 @@ class _Lease:
             )
         if progress.patch_coverage is not None:
             self.last_coverage = progress.patch_coverage
-        if time.monotonic() - self.last_write < self.settings.task_progress_interval_seconds:
+        now = time.monotonic()
+        if now - self.last_progress < self.settings.task_progress_interval_seconds:
             return
+        self.last_progress = now
         extra = {}
         if progress.patch_coverage is not None:
             extra["patch_coverage"] = self.coverage(progress.patch_coverage)
-        self.beat(
+        snapshot = dict(
             epoch=progress.epoch,
             step=progress.step,
             total_steps=progress.total_steps,
@@ -242,6 +267,9 @@ class _Lease:
             peak_memory_bytes=int(progress.peak_memory_bytes),
             **extra,
         )
+        with self._handover:
+            self._pending = snapshot
+        self._wake.set()
 
     def should_stop(self) -> bool:
         return self.cancel or self.lost
