@@ -381,7 +381,43 @@ async def sse_vs_poll(
             process.kill()
 
 
+def _quiet_builtins(serve_pid: int) -> None:
+    """Insert the catalog's built-in backbone rows as recently sent for measuring, straight into
+    serve's database, so that no ``backbones.measure`` job keeps the worker busy: the claim latency
+    is measured with an idle worker."""
+    import psutil
+    from sqlalchemy import select
+
+    from backend.config import Settings
+    from backend.db import session_scope
+    from backend.models import Backbone, BackboneStatus
+    from backend.models.base import utcnow
+    from worker.patchgd.catalog import list_backbones as catalog_names
+
+    env = psutil.Process(serve_pid).environ()
+    settings = Settings(
+        data_dir=Path(env["TESSERA_DATA_DIR"]), database_url=env.get("TESSERA_DATABASE_URL", "")
+    )
+    with session_scope(settings) as session:
+        existing = set(session.scalars(select(Backbone.builtin_key)))
+        for name in catalog_names():
+            if name not in existing:
+                session.add(
+                    Backbone(
+                        owner_id=None,
+                        name=name,
+                        architecture=name,
+                        builtin_key=name,
+                        source="builtin",
+                        status=BackboneStatus.READY,
+                        details={"measure_requested_at": utcnow().isoformat()},
+                        problems=[],
+                    )
+                )
+
+
 async def scenarios(base_url: str, args: argparse.Namespace, serve_pid: int) -> dict[str, Any]:
+    _quiet_builtins(serve_pid)
     token, cookies = await _sign_in(base_url)
     async with _client(base_url) as http:
         api = Api(http, token)
