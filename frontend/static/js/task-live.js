@@ -23,19 +23,20 @@
     var lastEpoch = -1;
     var loading = false;
 
-    function width() { return Math.max(280, Math.min(640, box.clientWidth || 600)); }
+    // Each chart fills its own cell of the charts' grid.
+    function width(target) { return Math.max(260, Math.min(640, (target && target.clientWidth) || 300)); }
 
     function specs() {
-      var memSeries = [{}, series("peak MiB", COLORS.mem)];
+      var memSeries = [{ label: "epoch" }, series("peak MiB", COLORS.mem)];
       var memData = [data.epoch, data.mem];
       if (!isNaN(budget)) {
         memSeries.push(series("budget MiB", COLORS.budget, { dash: [6, 4], points: { show: false } }));
         memData.push(data.budget);
       }
       return [
-        { id: "chart-loss", series: [{}, series("train loss", COLORS.train), series("val loss", COLORS.val)],
+        { id: "chart-loss", series: [{ label: "epoch" }, series("train loss", COLORS.train), series("val loss", COLORS.val)],
           data: [data.epoch, data.train, data.val] },
-        { id: "chart-scores", series: [{}, series("val accuracy", COLORS.acc), series("val QWK", COLORS.qwk)],
+        { id: "chart-scores", series: [{ label: "epoch" }, series("val accuracy", COLORS.acc), series("val QWK", COLORS.qwk)],
           data: [data.epoch, data.acc, data.qwk], range: [0, 1] },
         { id: "chart-memory", series: memSeries, data: memData, zero: true },
       ];
@@ -50,7 +51,7 @@
             : spec.zero ? { range: function (u, lo, hi) { return [0, hi > 0 ? hi * 1.1 : 1]; } } : {};
           return new window.uPlot({
             title: target.getAttribute("data-title"),
-            width: width(),
+            width: width(target),
             height: 200,
             scales: { x: { time: false }, y: yScale },
             axes: [{ label: "epoch", incrs: [1, 2, 5, 10, 20, 50, 100] }, {}],
@@ -102,7 +103,7 @@
       trimLog();
     });
     window.addEventListener("resize", function () {
-      if (charts) charts.forEach(function (chart) { chart.setSize({ width: width(), height: 200 }); });
+      if (charts) charts.forEach(function (chart) { chart.setSize({ width: width(chart.root.parentNode), height: 200 }); });
     });
     trimLog();
     load();
