@@ -46,7 +46,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from fastapi import Request
 
+from backend.deps import CurrentUser  # the SSE route's annotations are resolved from this module
 from bench.load import (
     RESULTS,
     Tally,
@@ -269,11 +271,9 @@ def sse_app():  # noqa: ANN201 (FastAPI)
     """The web app plus one SSE route, for the comparison only (uvicorn --factory): per stream, the
     task's status fragment re-read from the database every second and sent when it changed."""
     import anyio
-    from fastapi import Request
     from fastapi.responses import StreamingResponse
 
     from backend.db import session_scope
-    from backend.deps import CurrentUser
     from backend.main import create_app
     from backend.training import service, views
     from backend.ui.templating import templates
@@ -282,7 +282,7 @@ def sse_app():  # noqa: ANN201 (FastAPI)
     settings = app.state.settings
 
     @app.get("/bench/sse/tasks/{task_id}")
-    async def stream(request: Request, task_id: int, user: CurrentUser) -> StreamingResponse:
+    async def stream(request: Request, task_id: int, user: CurrentUser):  # noqa: ANN202 (a stream)
         def render(after_epoch: int, after_event: int) -> tuple[str, int, int]:
             with session_scope(settings) as session:
                 task = service.get_task(session, user, task_id)
