@@ -359,6 +359,8 @@ def _train(settings, task_id: int, worker_id: str, spec: dict[str, Any], lease: 
         lease.beat(epoch=metrics.epoch + 1, **_coverage_values(lease))
 
     def on_event(kind: str, info: dict[str, Any]) -> None:
+        # The checkpoint's file name only: users never see server paths.
+        info = {**info, "path": Path(info.get("path", "")).name}
         if kind == "resumed":
             lease.event(
                 "resumed",
