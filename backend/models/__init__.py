@@ -6,7 +6,15 @@ from backend.models.base import Base, utcnow
 from backend.models.dataset import DATASET_NAME_MAX_LENGTH, Dataset, DatasetStatus
 from backend.models.login_attempt import LoginAttempt
 from backend.models.prediction import PREDICTION_FILENAME_MAX_LENGTH, Evaluation, JobStatus, Prediction
-from backend.models.task import TASK_NAME_MAX_LENGTH, TERMINAL_STATUSES, Task, TaskMetric, TaskStatus
+from backend.models.task import (
+    TASK_EVENTS_KEPT,
+    TASK_NAME_MAX_LENGTH,
+    TERMINAL_STATUSES,
+    Task,
+    TaskEvent,
+    TaskMetric,
+    TaskStatus,
+)
 from backend.models.user import USERNAME_MAX_LENGTH, Role, User
 from backend.models.user_session import SESSION_ID_LENGTH, UserSession
 from backend.models.worker import Worker
@@ -16,6 +24,7 @@ __all__ = [
     "DATASET_NAME_MAX_LENGTH",
     "PREDICTION_FILENAME_MAX_LENGTH",
     "SESSION_ID_LENGTH",
+    "TASK_EVENTS_KEPT",
     "TASK_NAME_MAX_LENGTH",
     "TERMINAL_STATUSES",
     "TOKEN_NAME_MAX_LENGTH",
@@ -32,6 +41,7 @@ __all__ = [
     "Prediction",
     "Role",
     "Task",
+    "TaskEvent",
     "TaskMetric",
     "TaskStatus",
     "TokenKind",

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -96,6 +97,9 @@ class Task(Base):
     #: The memory plan made for this task (``memory.plan``'s report), if any.
     plan: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     peak_memory_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: PatchGD only: how often each grid cell was sampled for a gradient pass so far,
+    #: ``{"n": side, "counts": [n*n ints, row-major], "sampled": sum}`` (``{}`` until the first write).
+    patch_coverage: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
     #: Evaluation of the final model on the held-out split: accuracy, QWK, per-class recall, confusion.
     final_metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     #: Files under ``<data_dir>/tasks/<id>/`` (relative to the data dir): checkpoint dir, exports.
@@ -127,4 +131,31 @@ class TaskMetric(Base):
     images_per_s: Mapped[float] = mapped_column(Float, default=0.0)
     patches_per_s: Mapped[float] = mapped_column(Float, default=0.0)
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+#: Events kept per task (older ones are deleted as new ones arrive).
+TASK_EVENTS_KEPT = 500
+#: Longest event kind.
+TASK_EVENT_KIND_MAX_LENGTH = 32
+
+
+class TaskEvent(Base):
+    """One line of a task's log: what a worker (or the platform) did with it and when.
+
+    Kinds: ``claimed``, ``resumed``, ``epoch``, ``checkpoint``, ``cancel_requested``, ``cancel_seen``,
+    ``lease_lost``, ``requeued``, ``error``, ``finished``. ``message`` is the line as shown; ``data``
+    holds the numbers behind it. Only the newest :data:`TASK_EVENTS_KEPT` of a task are kept.
+    """
+
+    __tablename__ = "task_events"
+    __table_args__ = (Index("ix_task_events_task_id_id", "task_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(TASK_EVENT_KIND_MAX_LENGTH))
+    message: Mapped[str] = mapped_column(Text, default="")
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    worker_id: Mapped[str] = mapped_column(String(WORKER_ID_MAX_LENGTH), default="")
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -27,12 +27,14 @@ from backend.training.schemas import (
     EvaluationCreate,
     EvaluationRead,
     ModelExporting,
+    PatchCoverage,
     PlanRequest,
     PlanStatus,
     PredictionRead,
     TaskClone,
     TaskCreate,
     TaskDeleted,
+    TaskEventRead,
     TaskMetricRead,
     TaskRead,
 )
@@ -45,7 +47,12 @@ CONFLICT = {409: {"model": ErrorResponse}}
 
 def _read(session, task) -> TaskRead:  # noqa: ANN001 (Session, Task)
     positions = service.queue_positions(session)
-    return TaskRead.of(task, queue_position=positions.get(task.id), best=service.best_metrics(session, task))
+    return TaskRead.of(
+        task,
+        queue_position=positions.get(task.id),
+        best=service.best_metrics(session, task),
+        coverage=service.coverage_view(task),
+    )
 
 
 @router.post(
@@ -133,10 +140,43 @@ def read_task(task_id: RowId, user: CurrentUser, session: SessionDep) -> TaskRea
 
 
 @router.get("/{task_id:row_id}/metrics", response_model=list[TaskMetricRead], responses=NOT_FOUND)
-def read_metrics(task_id: RowId, user: CurrentUser, session: SessionDep) -> list[TaskMetricRead]:
-    """The task's metrics, one entry per finished epoch."""
+def read_metrics(
+    task_id: RowId,
+    user: CurrentUser,
+    session: SessionDep,
+    after: Annotated[
+        int, Query(ge=-1, le=1_000_000, description="Only epochs after this one (0-based).")
+    ] = -1,
+) -> list[TaskMetricRead]:
+    """The task's metrics, one entry per finished epoch (``after``: only the later epochs, for a
+    chart that appends what is new)."""
     task = service.get_task(session, user, task_id)
-    return [TaskMetricRead.model_validate(m) for m in service.list_metrics(session, task)]
+    return [TaskMetricRead.model_validate(m) for m in service.list_metrics(session, task, after=after)]
+
+
+@router.get("/{task_id:row_id}/events", response_model=list[TaskEventRead], responses=NOT_FOUND)
+def read_events(
+    task_id: RowId,
+    user: CurrentUser,
+    session: SessionDep,
+    after: Annotated[int, Query(ge=0, le=2**62, description="Only events with a larger id.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 500,
+) -> list[TaskEventRead]:
+    """The task's log, oldest first: the newest ``limit`` events with an id above ``after`` (the
+    last 500 are kept). Poll with the last id you have to get only what is new."""
+    task = service.get_task(session, user, task_id)
+    return [
+        TaskEventRead.model_validate(e) for e in service.list_events(session, task, after=after, limit=limit)
+    ]
+
+
+@router.get("/{task_id:row_id}/coverage", response_model=PatchCoverage | None, responses=NOT_FOUND)
+def read_coverage(task_id: RowId, user: CurrentUser, session: SessionDep) -> PatchCoverage | None:
+    """PatchGD: how often each cell of the patch grid was sampled for a gradient pass so far
+    (``null`` for the baseline and before the first step)."""
+    task = service.get_task(session, user, task_id)
+    coverage = service.coverage_view(task)
+    return PatchCoverage(**coverage) if coverage else None
 
 
 @router.post("/{task_id:row_id}/cancel", response_model=TaskRead, responses={**NOT_FOUND, **CONFLICT})

@@ -99,15 +99,27 @@ class TaskMemory(BaseModel):
         )
 
 
+class PatchCoverage(BaseModel):
+    """PatchGD: how often each cell of the n×n patch grid was sampled for a gradient pass so far
+    (``counts``: n*n numbers, row by row; ``sampled``: their sum, the patches sampled)."""
+
+    n: int
+    counts: list[int]
+    sampled: int
+    min: int
+    max: int
+
+
 class TaskRead(BaseModel):
     """A task: what it trains, where it is, what came out.
 
-    ``queue_position`` (1 = next) is set while it is queued. ``best`` is the epoch with the highest
-    validation accuracy; ``final_metrics`` the final model's evaluation on the dataset's held-out
-    split (``split``, ``accuracy``, ``qwk``, ``per_class_recall``, ``confusion_matrix``,
-    ``classes``). ``error`` says why a task failed, in words meant for you. ``memory`` holds the
-    measured peak against ``memory_budget_gib``; ``plan`` the memory plan accepted when the task was
-    created (``POST /tasks`` with ``plan_token``), if any.
+    ``queue_position`` (1 = next) is set while it is queued. ``patch_coverage`` (PatchGD, one
+    task's read only; ``null`` in the list) is the grid's sampling counts so far. ``best`` is the
+    epoch with the highest validation accuracy; ``final_metrics`` the final model's evaluation on
+    the dataset's held-out split (``split``, ``accuracy``, ``qwk``, ``per_class_recall``,
+    ``confusion_matrix``, ``classes``). ``error`` says why a task failed, in words meant for you.
+    ``memory`` holds the measured peak against ``memory_budget_gib``; ``plan`` the memory plan
+    accepted when the task was created (``POST /tasks`` with ``plan_token``), if any.
     """
 
     id: int
@@ -128,6 +140,7 @@ class TaskRead(BaseModel):
     peak_memory_bytes: int
     memory: TaskMemory
     best: dict[str, Any] | None
+    patch_coverage: PatchCoverage | None = None
     final_metrics: dict[str, Any]
     created_at: datetime
     started_at: datetime | None
@@ -136,7 +149,12 @@ class TaskRead(BaseModel):
 
     @classmethod
     def of(
-        cls, task: Task, *, queue_position: int | None = None, best: dict[str, Any] | None = None
+        cls,
+        task: Task,
+        *,
+        queue_position: int | None = None,
+        best: dict[str, Any] | None = None,
+        coverage: dict[str, Any] | None = None,
     ) -> TaskRead:
         """The API view of a row."""
         return cls(
@@ -168,6 +186,7 @@ class TaskRead(BaseModel):
             peak_memory_bytes=task.peak_memory_bytes,
             memory=TaskMemory.of(task),
             best=best,
+            patch_coverage=PatchCoverage(**coverage) if coverage else None,
             final_metrics=task.final_metrics or {},
             created_at=task.created_at,
             started_at=task.started_at,
@@ -312,3 +331,18 @@ class EvaluationRead(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+
+class TaskEventRead(BaseModel):
+    """One line of a task's log. ``kind``: claimed, resumed, epoch, checkpoint, cancel_requested,
+    cancel_seen, lease_lost, requeued, queued, error, finished."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    kind: str
+    message: str
+    attempt: int
+    worker_id: str
+    data: dict[str, Any]
+    created_at: datetime

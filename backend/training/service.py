@@ -24,14 +24,15 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import case, delete, func, select, update
+from sqlalchemy.orm import Session, defer
 
 from backend.config import Settings
 from backend.datasets.service import REPORT_FILE, dataset_dir
 from backend.db import run_after_commit, session_scope
 from backend.errors import AppError, Conflict, Invalid, NotFound
 from backend.models import (
+    TASK_EVENTS_KEPT,
     TASK_NAME_MAX_LENGTH,
     TERMINAL_STATUSES,
     Backbone,
@@ -39,6 +40,7 @@ from backend.models import (
     Dataset,
     DatasetStatus,
     Task,
+    TaskEvent,
     TaskMetric,
     TaskStatus,
     User,
@@ -230,7 +232,10 @@ def create_task(
 def list_tasks(session: Session, user: User) -> Sequence[Task]:
     """The user's tasks, newest first."""
     return session.scalars(
-        select(Task).where(Task.owner_id == user.id).order_by(Task.created_at.desc(), Task.id.desc())
+        select(Task)
+        .where(Task.owner_id == user.id)
+        .options(defer(Task.patch_coverage))  # the list never shows it; it is the row's largest value
+        .order_by(Task.created_at.desc(), Task.id.desc())
     ).all()
 
 
@@ -248,16 +253,23 @@ def queue_positions(session: Session) -> dict[int, int]:
     return {task_id: position for position, task_id in enumerate(ids, start=1)}
 
 
-def list_metrics(session: Session, task: Task) -> Sequence[TaskMetric]:
-    """The task's per-epoch metrics, in epoch order."""
+def list_metrics(session: Session, task: Task, *, after: int = -1) -> Sequence[TaskMetric]:
+    """The task's per-epoch metrics (those after epoch ``after``, 0-based), in epoch order."""
     return session.scalars(
-        select(TaskMetric).where(TaskMetric.task_id == task.id).order_by(TaskMetric.epoch)
+        select(TaskMetric)
+        .where(TaskMetric.task_id == task.id, TaskMetric.epoch > after)
+        .order_by(TaskMetric.epoch)
     ).all()
 
 
-def best_metrics(session: Session, task: Task) -> dict[str, Any] | None:
-    """The epoch with the highest validation accuracy (ties: the earliest), if any was evaluated."""
-    rows = [m for m in list_metrics(session, task) if m.val_accuracy is not None]
+def best_metrics(
+    session: Session, task: Task, metrics: Sequence[TaskMetric] | None = None
+) -> dict[str, Any] | None:
+    """The epoch with the highest validation accuracy (ties: the earliest), if any was evaluated
+    (``metrics``: the task's rows when the caller has them already)."""
+    if metrics is None:
+        metrics = list_metrics(session, task)
+    rows = [m for m in metrics if m.val_accuracy is not None]
     if not rows:
         return None
     best = max(rows, key=lambda m: (m.val_accuracy, -m.epoch))
@@ -287,6 +299,16 @@ def cancel_task(session: Session, user: User, task_id: int) -> Task:
     session.refresh(task)
     if not done:
         raise Conflict(f"Task {task.name!r} has already ended ({task.status.value}).")
+    if task.status == TaskStatus.CANCELLED:
+        add_event(session, task.id, "finished", "Cancelled while queued.", attempt=task.attempts)
+    else:
+        add_event(
+            session,
+            task.id,
+            "cancel_requested",
+            "Cancel requested; the worker stops at its next step.",
+            attempt=task.attempts,
+        )
     return task
 
 
@@ -317,6 +339,7 @@ def retry_task(session: Session, settings: Settings, user: User, task_id: int) -
         raise Conflict(
             f"Only a failed or cancelled task can be retried; {task.name!r} is {task.status.value}.{hint}"
         )
+    add_event(session, task.id, "queued", "Queued again (retry); it resumes from its last checkpoint.")
     enqueue_after_commit(session, settings, TRAINING_TRAIN, task.id)
     return task
 
@@ -353,6 +376,7 @@ def delete_task(session: Session, settings: Settings, user: User, task_id: int) 
     """Delete a task that is not running, its metrics and (after the commit) its files."""
     task = get_task(session, user, task_id)
     session.execute(delete(TaskMetric).where(TaskMetric.task_id == task.id))
+    session.execute(delete(TaskEvent).where(TaskEvent.task_id == task.id))
     gone = session.execute(delete(Task).where(Task.id == task.id, Task.status != TaskStatus.RUNNING)).rowcount  # type: ignore[attr-defined]
     if not gone:
         raise Conflict(f"Task {task.name!r} is running: cancel it first, then delete it.")
@@ -367,6 +391,92 @@ def tasks_using_dataset(session: Session, dataset_id: int) -> int:
 
 
 # The worker's side: claim, lease, progress, metrics, outcome.
+
+
+def add_event(
+    session: Session,
+    task_id: int,
+    kind: str,
+    message: str,
+    *,
+    attempt: int = 0,
+    worker_id: str = "",
+    data: dict[str, Any] | None = None,
+    keep: int = TASK_EVENTS_KEPT,
+) -> None:
+    """Append one line to the task's log in ``session``'s transaction; the oldest lines past the
+    newest ``keep`` are deleted (one indexed range delete on ``(task_id, id)``)."""
+    session.add(
+        TaskEvent(
+            task_id=task_id,
+            kind=kind[:32],
+            message=message[:4000],
+            attempt=attempt,
+            worker_id=worker_id[:200],
+            data=data or {},
+            created_at=utcnow(),
+        )
+    )
+    session.flush()
+    cutoff = session.scalar(
+        select(TaskEvent.id)
+        .where(TaskEvent.task_id == task_id)
+        .order_by(TaskEvent.id.desc())
+        .offset(keep)
+        .limit(1)
+    )
+    if cutoff is not None:
+        session.execute(
+            delete(TaskEvent)
+            .where(TaskEvent.task_id == task_id, TaskEvent.id <= cutoff)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def record_event(
+    settings: Settings,
+    task_id: int,
+    kind: str,
+    message: str,
+    *,
+    worker_id: str = "",
+    data: dict[str, Any] | None = None,
+) -> None:
+    """The worker's side of :func:`add_event`: one short transaction of its own (the attempt is
+    the row's)."""
+    with session_scope(settings) as session:
+        attempt = int(session.scalar(select(Task.attempts).where(Task.id == task_id)) or 0)
+        add_event(session, task_id, kind, message, attempt=attempt, worker_id=worker_id, data=data)
+
+
+def list_events(
+    session: Session, task: Task, *, after: int = 0, limit: int = TASK_EVENTS_KEPT
+) -> list[TaskEvent]:
+    """The task's events with an id above ``after``: the newest ``limit`` of them, oldest first."""
+    rows = session.scalars(
+        select(TaskEvent)
+        .where(TaskEvent.task_id == task.id, TaskEvent.id > after)
+        .order_by(TaskEvent.id.desc())
+        .limit(limit)
+    ).all()
+    return list(reversed(rows))
+
+
+def coverage_view(task: Task) -> dict[str, Any] | None:
+    """The task's patch coverage as the API and page show it, or None (baseline, or nothing yet):
+    ``n``, ``counts`` (n×n, row-major), ``sampled`` (their sum), ``min``, ``max``."""
+    data = task.patch_coverage or {}
+    counts = data.get("counts") or []
+    n = int(data.get("n") or 0)
+    if not n or len(counts) != n * n:
+        return None
+    return {
+        "n": n,
+        "counts": [int(c) for c in counts],
+        "sampled": int(sum(counts)),
+        "min": int(min(counts)),
+        "max": int(max(counts)),
+    }
 
 
 def _lease_until(settings: Settings, now: datetime) -> datetime:
@@ -424,6 +534,15 @@ def claim(session: Session, settings: Settings, task_id: int, worker_id: str) ->
         .execution_options(synchronize_session=False)
     ).rowcount  # type: ignore[attr-defined]
     if claimed == 1:
+        attempt = int(session.scalar(select(Task.attempts).where(Task.id == task_id)) or 0)
+        add_event(
+            session,
+            task_id,
+            "claimed",
+            f"Claimed by worker {worker_id} (attempt {attempt}).",
+            attempt=attempt,
+            worker_id=worker_id,
+        )
         return "claimed"
     state = session.scalar(select(Task.status).where(Task.id == task_id))
     return "waiting" if state == TaskStatus.QUEUED else "skipped"
@@ -439,6 +558,11 @@ def heartbeat(settings: Settings, task_id: int, worker_id: str, **progress: Any)
     Returns ``(still_mine, cancel_requested)``: a worker whose lease was taken over must stop.
     """
     now = utcnow()
+    if "peak_memory_bytes" in progress:
+        peak = int(progress.pop("peak_memory_bytes") or 0)
+        progress["peak_memory_bytes"] = case(
+            (Task.peak_memory_bytes < peak, peak), else_=Task.peak_memory_bytes
+        )
     with session_scope(settings) as session:
         mine = session.execute(
             update(Task)
@@ -483,7 +607,30 @@ def record_epoch(settings: Settings, task_id: int, worker_id: str, metrics: dict
         task = session.get(Task, task_id)
         if task is not None and peak > (task.peak_memory_bytes or 0):
             task.peak_memory_bytes = peak
+        add_event(
+            session,
+            task_id,
+            "epoch",
+            epoch_line(metrics),
+            attempt=task.attempts if task is not None else 0,
+            worker_id=worker_id,
+            data={k: values[k] for k in sorted(values) if k != "lrs"} | {"epoch": epoch},
+        )
     return True
+
+
+def epoch_line(metrics: dict[str, Any]) -> str:
+    """The log line of a finished epoch: its losses, validation scores, speed and peak memory."""
+    parts = [f"Epoch {int(metrics['epoch']) + 1} done: train loss {metrics['train_loss']:.4f}"]
+    if metrics.get("val_loss") is not None:
+        parts.append(f"val loss {metrics['val_loss']:.4f}")
+    if metrics.get("val_accuracy") is not None:
+        parts.append(f"val accuracy {metrics['val_accuracy']:.3f}")
+    if metrics.get("val_qwk") is not None:
+        parts.append(f"QWK {metrics['val_qwk']:.3f}")
+    parts.append(f"{float(metrics.get('images_per_s') or 0):.1f} images/s")
+    parts.append(f"peak {int(metrics.get('peak_memory_bytes') or 0) / 2**20:.0f} MiB")
+    return ", ".join(parts) + "."
 
 
 def finish(
@@ -517,6 +664,14 @@ def finish(
     with session_scope(settings) as session:
         done = session.execute(update(Task).where(*_mine(task_id, worker_id)).values(**values)).rowcount  # type: ignore[attr-defined]
         if done:
+            attempt = int(session.scalar(select(Task.attempts).where(Task.id == task_id)) or 0)
+            line = {
+                TaskStatus.SUCCEEDED: "Finished: succeeded.",
+                TaskStatus.CANCELLED: "Finished: cancelled.",
+            }.get(status, f"Finished: {status.value}.")
+            if status == TaskStatus.FAILED:
+                add_event(session, task_id, "error", error[:4000], attempt=attempt, worker_id=worker_id)
+            add_event(session, task_id, "finished", line, attempt=attempt, worker_id=worker_id)
             owner_id = session.scalar(select(Task.owner_id).where(Task.id == task_id))
             _dispatch_waiting(session, settings, owner_id=owner_id)
     return done == 1
@@ -526,7 +681,7 @@ def release(settings: Settings, task_id: int, worker_id: str) -> None:
     """Give a claimed task back to the queue (the worker is shutting down); the next claim resumes it."""
     now = utcnow()
     with session_scope(settings) as session:
-        session.execute(
+        released = session.execute(
             update(Task)
             .where(*_mine(task_id, worker_id))
             .values(
@@ -536,7 +691,15 @@ def release(settings: Settings, task_id: int, worker_id: str) -> None:
                 phase="queued",
                 dispatched_at=now,
             )
-        )
+        ).rowcount  # type: ignore[attr-defined]
+        if released:
+            add_event(
+                session,
+                task_id,
+                "requeued",
+                f"Worker {worker_id} is shutting down; the task is queued again to resume.",
+                worker_id=worker_id,
+            )
 
 
 def _dispatch_waiting(
@@ -598,6 +761,15 @@ def reap(session: Session, settings: Settings, now: datetime | None = None) -> d
             target = requeued
         if session.execute(update(Task).where(*guard).values(**values)).rowcount:  # type: ignore[attr-defined]
             target.append(task.id)
+            add_event(
+                session,
+                task.id,
+                "lease_lost",
+                f"Worker {task.worker_id} stopped sending heartbeats; "
+                + ("the task failed: " + values["error"] if target is failed else "requeued to resume."),
+                attempt=task.attempts,
+                worker_id=task.worker_id,
+            )
             if target is requeued:
                 enqueue_after_commit(session, settings, TRAINING_TRAIN, task.id)
     session.flush()
@@ -645,9 +817,12 @@ def record_memory_setup(settings: Settings, task_id: int, worker_id: str, memory
             task.artifacts = {**(task.artifacts or {}), "memory": memory}
 
 
-def note_attempt(settings: Settings, task_id: int, worker_id: str, *, first_step: int) -> None:
+def note_attempt(
+    settings: Settings, task_id: int, worker_id: str, *, first_step: int, memory_total_bytes: int = 0
+) -> None:
     """Record where an attempt started (its first training step: a resumed attempt continues the
-    step count of the checkpoint it resumed from), in ``artifacts["attempts"]``."""
+    step count of the checkpoint it resumed from) and the memory of the device it runs on (what
+    the page measures the peak against when the task has no budget), in ``artifacts["attempts"]``."""
     with session_scope(settings) as session:
         task = session.scalar(select(Task).where(*_mine(task_id, worker_id)).with_for_update())
         if task is None:
@@ -655,7 +830,12 @@ def note_attempt(settings: Settings, task_id: int, worker_id: str, *, first_step
         artifacts = dict(task.artifacts or {})
         artifacts["attempts"] = [
             *artifacts.get("attempts", []),
-            {"attempt": task.attempts, "first_step": int(first_step), "worker": worker_id},
+            {
+                "attempt": task.attempts,
+                "first_step": int(first_step),
+                "worker": worker_id,
+                "memory_total_bytes": int(memory_total_bytes),
+            },
         ]
         task.artifacts = artifacts
 

@@ -1,6 +1,11 @@
-"""Task pages: the list (live status and progress), the create form, a task's page (progress, the
-per-epoch table, a loss/accuracy chart drawn here as SVG, final metrics with the confusion matrix)
-and the cancel, retry, clone and delete buttons (forms carrying the CSRF token).
+"""Task pages: the list (live status and progress), the create form, a task's page and the
+cancel, retry, clone and delete buttons (forms carrying the CSRF token).
+
+A task's page is live while the run is queued or running: its status fragment is polled (HTMX,
+every 2 s; the numbers in docs/benchmarks.md say why polling and not SSE) and carries progress,
+the peak memory against the budget, PatchGD's patch-coverage heatmap and, out of band, the new
+epoch rows and log lines. The uPlot charts (frontend/static/js/task-live.js) append the new epochs
+from the metrics API. Everything comes from the database, which the workers write.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ import json
 import math
 from typing import Annotated, Any
 
+import psutil
 from fastapi import APIRouter, Depends, Form, Path, Request
 from fastapi.responses import RedirectResponse, Response
 
@@ -16,7 +22,7 @@ from backend.backbones import service as backbones
 from backend.datasets import service as datasets
 from backend.deps import CurrentUser, RowId, SessionDep, SettingsDep
 from backend.errors import AppError
-from backend.models import DatasetStatus, TaskMetric
+from backend.models import DatasetStatus, TaskMetric, TaskStatus
 from backend.training import plans, predictions, service
 from backend.training.schemas import EvaluationRead, PredictionRead, TaskRead
 from backend.ui.templating import flash, render
@@ -38,7 +44,6 @@ FORM_FIELDS = [
     ("warmup_epochs", "Warm-up epochs", "", "1"),
     ("checkpoint_every_minutes", "Checkpoint every (minutes)", "", "any"),
 ]
-CHART_WIDTH, CHART_HEIGHT, CHART_PAD = 520, 200, 36
 
 
 def _defaults(settings: Any) -> dict[str, dict[str, Any]]:
@@ -61,48 +66,109 @@ def _number(raw: str) -> int | float | str:
             return raw
 
 
-def _points(values: list[float | None], low: float, high: float, count: int) -> str:
-    span = (high - low) or 1.0
-    step = (CHART_WIDTH - 2 * CHART_PAD) / max(1, count - 1)
-    points = []
-    for i, value in enumerate(values):
-        if value is None:
-            continue
-        x = CHART_PAD + i * step
-        y = CHART_HEIGHT - CHART_PAD - (value - low) / span * (CHART_HEIGHT - 2 * CHART_PAD)
-        points.append(f"{x:.1f},{y:.1f}")
-    return " ".join(points)
+#: Log lines shown when the page opens (the API has the last 500).
+EVENTS_SHOWN = 50
+HEATMAP_CELL = 24
 
 
-def chart(metrics: list[TaskMetric]) -> dict[str, Any] | None:
-    """Polylines of train/val loss (left scale) and validation accuracy (0-1, right scale)."""
-    if not metrics:
+def memory_view(task: TaskRead, metrics: list[TaskMetric], device_total: int) -> dict[str, Any] | None:
+    """The peak memory measured so far against the budget (or, without one, the memory of the
+    device the task ran on, as its worker recorded it, else this machine's)."""
+    peak = max([task.peak_memory_bytes, *(m.peak_memory_bytes for m in metrics)], default=0)
+    if task.memory_budget_gib:
+        limit, against = int(task.memory_budget_gib * 2**30), "budget"
+    else:
+        limit, against = device_total, "device"
+    if not limit:
         return None
-    losses = [m.train_loss for m in metrics] + [m.val_loss for m in metrics if m.val_loss is not None]
-    high = max(losses) if losses else 1.0
-    count = len(metrics)
     return {
-        "width": CHART_WIDTH,
-        "height": CHART_HEIGHT,
-        "pad": CHART_PAD,
-        "loss_max": high,
-        "train_loss": _points([m.train_loss for m in metrics], 0.0, high, count),
-        "val_loss": _points([m.val_loss for m in metrics], 0.0, high, count),
-        "val_accuracy": _points([m.val_accuracy for m in metrics], 0.0, 1.0, count),
-        "epochs": count,
+        "peak": peak,
+        "peak_mib": peak / 2**20,
+        "limit": limit,
+        "limit_gib": limit / 2**30,
+        "against": against,
+        "percent": min(100, round(100 * peak / limit)),
+        "over": against == "budget" and peak > limit,
+        "over_mib": max(0, peak - limit) / 2**20,
+        "epochs": [
+            {"epoch": m.epoch + 1, "percent": min(100, round(100 * m.peak_memory_bytes / limit))}
+            for m in metrics
+        ],
     }
 
 
-def _context(session: Any, task: Any) -> dict[str, Any]:
-    positions = service.queue_positions(session)
-    view = TaskRead.of(task, queue_position=positions.get(task.id), best=service.best_metrics(session, task))
+def _device_total(task: Any) -> int:
+    attempts = (task.artifacts or {}).get("attempts") or []
+    recorded = int((attempts[-1] if attempts else {}).get("memory_total_bytes") or 0)
+    return recorded or int(psutil.virtual_memory().total)
+
+
+def heatmap(coverage: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The coverage grid as SVG cells: a white-to-accent ramp from the least to the most sampled
+    cell, with the count in each cell's title."""
+    if not coverage:
+        return None
+    n, counts = coverage["n"], coverage["counts"]
+    low, high = coverage["min"], coverage["max"]
+    span = (high - low) or 1
+    cells = []
+    for index, count in enumerate(counts):
+        t = (count - low) / span if high > low else (1.0 if high else 0.0)
+        # From the accent's light tint (#eef2ff) to the accent (#4f46e5).
+        rgb = tuple(round(a + (b - a) * t) for a, b in zip((238, 242, 255), (79, 70, 229), strict=True))
+        cells.append(
+            {
+                "x": (index % n) * HEATMAP_CELL,
+                "y": (index // n) * HEATMAP_CELL,
+                "fill": "#{:02x}{:02x}{:02x}".format(*rgb),
+                "count": count,
+                "row": index // n,
+                "col": index % n,
+            }
+        )
+    mean = coverage["sampled"] / len(counts)
+    return {
+        **coverage,
+        "cells": cells,
+        "size": n * HEATMAP_CELL,
+        "cell": HEATMAP_CELL,
+        "mean": mean,
+        "spread": (high - low) / mean if mean else 0.0,
+    }
+
+
+def _context(
+    session: Any, task: Any, *, after_epoch: int | None = None, after_event: int | None = None
+) -> dict[str, Any]:
+    """What the page and its status fragment show; with ``after_epoch``/``after_event`` (the
+    fragment's poll) the epochs and log lines the page does not have yet."""
+    # Polled by every open page: one query each for the metrics and the log, the queue only
+    # while the task waits in it.
+    positions = service.queue_positions(session) if task.status == TaskStatus.QUEUED else {}
+    coverage = service.coverage_view(task)
     metrics = list(service.list_metrics(session, task))
+    view = TaskRead.of(
+        task,
+        queue_position=positions.get(task.id),
+        best=service.best_metrics(session, task, metrics),
+        coverage=coverage,
+    )
+    if after_event is None:
+        events = service.list_events(session, task, limit=EVENTS_SHOWN)
+    else:
+        events = service.list_events(session, task, after=after_event, limit=EVENTS_SHOWN)
+    last_event = events[-1].id if events else (after_event or 0)
     return {
         "task": view,
         "metrics": metrics,
-        "chart": chart(metrics),
+        "new_metrics": [m for m in metrics if after_epoch is not None and m.epoch >= after_epoch],
+        "events": events,
+        "last_event": last_event,
+        "memory": memory_view(view, metrics, _device_total(task)),
+        "heatmap": heatmap(coverage),
         "percent": round(100 * view.progress.fraction),
         "active_run": view.status.value in ("queued", "running"),
+        "polling": after_epoch is not None,
     }
 
 
@@ -355,20 +421,34 @@ def accept_plan(
 
 @router.get("/tasks/{task_id:row_id}")
 def task_page(request: Request, task_id: RowId, user: CurrentUser, session: SessionDep) -> Response:
-    """A task: status, live progress, per-epoch metrics and chart, final metrics, actions."""
+    """A task: status, live progress, memory, coverage, log, per-epoch charts and table, final
+    metrics, actions."""
     task = service.get_task(session, user, task_id)
     return render(request, "training/detail.html", {"active": "tasks", **_context(session, task)})
 
 
+def _count(raw: str | None) -> int:
+    try:
+        return max(0, min(int(raw or 0), 2**62))
+    except ValueError:
+        return 0
+
+
 @router.get("/tasks/{task_id:row_id}/status")
 def task_status(request: Request, task_id: RowId, user: CurrentUser, session: SessionDep) -> Response:
-    """The status panel, polled while the task is queued or running; at a new epoch or the end the
-    page reloads itself (HX-Refresh) to show the new table, chart and results."""
+    """The status panel, polled while the task is queued or running: progress, memory, patch
+    coverage, and out-of-band the epochs (``epochs``: how many the page has) and log lines (after
+    ``event``) that are new. When the run has ended the page reloads itself (HX-Refresh) to show
+    the results and the actions of an ended task."""
     task = service.get_task(session, user, task_id)
-    context = _context(session, task)
-    seen = request.query_params.get("epochs", "")
-    changed = not context["active_run"] or seen != str(len(context["metrics"]))
-    return render(request, "training/status.html", context, headers={"HX-Refresh": "true"} if changed else {})
+    context = _context(
+        session,
+        task,
+        after_epoch=_count(request.query_params.get("epochs")),
+        after_event=_count(request.query_params.get("event")),
+    )
+    headers = {} if context["active_run"] else {"HX-Refresh": "true"}
+    return render(request, "training/status.html", context, headers=headers)
 
 
 def _action(request: Request, task_id: int, text: str, target: str | None = None) -> Response:

@@ -9,6 +9,7 @@ of another test reaches these workers.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from backend.config import Settings
+from backend.datasets.service import REPORT_FILE, dataset_dir
 from backend.supervisor import beat_command, child_environment, worker_command
 from backend.training import service
 from tests.training.helpers import TINY_BASELINE, TINY_PATCHGD, builtin_backbone, ready_dataset
@@ -178,6 +180,18 @@ def test_patchgd_and_baseline_succeed_and_a_cancel_ends_a_run(fast_settings, pro
         assert [m["epoch"] for m in metrics] == list(range(body["hyperparameters"]["epochs"]))
         assert all(m["val_accuracy"] is not None and m["train_loss"] > 0 for m in metrics)
         assert body["best"]["epoch"] in {m["epoch"] for m in metrics}
+    # The live view's data: the log of the run and the patch coverage, as the worker wrote them.
+    kinds = [e["kind"] for e in api.get(f"/{patchgd['id']}/events")]
+    assert kinds == ["claimed", "checkpoint", "epoch", "checkpoint", "epoch", "finished"], kinds
+    coverage = api.get(f"/{patchgd['id']}/coverage")
+    # A 2×2 grid, k = 1, one full sweep per image per step: every cell sampled once per training
+    # image per epoch, so the counts sum to the patches sampled (2 epochs × images × 4 cells).
+    report = json.loads((dataset_dir(fast_settings, patchgd["dataset_id"]) / REPORT_FILE).read_text())
+    train_images = sum(1 for split in report["splits"].values() if split == "train")
+    assert coverage["n"] == 2 and coverage["counts"] == [2 * train_images] * 4
+    assert coverage["sampled"] == 2 * train_images * 4
+    assert api.get(f"/{baseline['id']}/coverage") is None
+    assert [e["kind"] for e in api.get(f"/{baseline['id']}/events")][-1] == "finished"
     exported = fast_settings.data_dir / "tasks" / str(patchgd["id"]) / "exports"
     assert any(exported.glob("*.safetensors"))
     # Downloads: safetensors at once; TorchScript made by the worker on the first request, then kept.
@@ -205,6 +219,8 @@ def test_patchgd_and_baseline_succeed_and_a_cancel_ends_a_run(fast_settings, pro
     assert api.post(f"/{long['id']}/cancel")["cancel_requested"] is True
     wait_until(processes, "the cancel", lambda: status_of(api, long["id"]) == "cancelled", timeout=30)
     assert time.monotonic() - asked < 30
+    kinds = [e["kind"] for e in api.get(f"/{long['id']}/events")]
+    assert kinds[0] == "claimed" and kinds[-3:] == ["cancel_requested", "cancel_seen", "finished"], kinds
     assert worker.poll() is None
 
 
@@ -253,6 +269,11 @@ def test_a_killed_worker_s_task_is_requeued_and_resumed_from_its_checkpoint(fast
     assert [s["first_step"] for s in starts] == [1, resumed_at + 1]
     metrics = api.get(f"/{task_id}/metrics")
     assert [m["epoch"] for m in metrics] == [0, 1, 2]  # each epoch once, none repeated by the resume
+    events = api.get(f"/{task_id}/events")
+    kinds = [e["kind"] for e in events]
+    assert kinds.count("claimed") == 2 and "lease_lost" in kinds and kinds[-1] == "finished"
+    resumed = next(e for e in events if e["kind"] == "resumed")
+    assert resumed["attempt"] == 2 and resumed["data"]["step"] == resumed_at
     assert body["final_metrics"]["num_samples"] > 0
 
 

@@ -138,6 +138,7 @@ def patchgd_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     generator: torch.Generator | None = None,
     max_inner_iterations: int | None = None,
+    coverage: torch.Tensor | None = None,
 ) -> StepStats:
     """One PatchGD outer step on a mini-batch (the caller chooses train or eval mode).
 
@@ -146,7 +147,9 @@ def patchgd_step(
        the head on the whole Z, backpropagate; step the optimizer every ``eps`` iterations.
 
     ``max_inner_iterations`` stops early (memory measurement: the peak is reached on the first
-    inner iteration). ``scheduler`` advances once per outer step.
+    inner iteration). ``scheduler`` advances once per outer step. ``coverage`` (int64,
+    ``[num_patches]``), when given, counts every patch re-encoded with gradient at its grid cell:
+    it grows by ``batch * k`` per inner iteration (the fill pass is not counted).
 
     With the default full-sweep accumulation the summed gradient equals the full-image gradient
     of the patch-decomposed model (tests/engine/test_gradients.py). That holds for any per-patch
@@ -208,6 +211,10 @@ def patchgd_step(
             (loss / window).backward()
             loss_sum += loss.detach()
             encoded += batch * chunk.shape[-1]
+            if coverage is not None:
+                cells = chunk.reshape(-1).to(coverage.device)
+                weight = 1 if chunk.dim() > 1 else batch  # a shared chunk is sampled in every image
+                coverage.index_add_(0, cells, torch.full_like(cells, weight))
             if j + 1 == window_start + window:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -283,6 +290,9 @@ class Progress:
     phase: str = "train"
     phase_done: int = 0
     phase_total: int = 0
+    #: PatchGD: gradient passes per grid cell since the run began (resumes included), row-major
+    #: n×n; summed, the number of patches sampled. None for the baseline.
+    patch_coverage: list[int] | None = None
 
 
 @dataclass
@@ -324,6 +334,8 @@ class TrainResult:
     final: dict | None = None
     checkpoint_path: Path | None = None
     seconds: float = 0.0
+    #: PatchGD: the run's patch coverage at the end (as in :class:`Progress`); None for the baseline.
+    patch_coverage: list[int] | None = None
 
 
 CHECKPOINT_NAME = "last.pt"
@@ -550,6 +562,7 @@ def train(
     resume_from: str | Path | None = None,
     max_steps: int | None = None,
     clock: Callable[[], float] = time.monotonic,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train PatchGD or the baseline (by config type) and evaluate the final model.
 
@@ -581,6 +594,13 @@ def train(
 
     Resume is bit-exact on CPU (tests/engine/test_resume.py); on CUDA it is exact up to the
     nondeterministic cuDNN kernels, which we keep for speed.
+
+    PatchGD counts how often each grid cell was sampled for a gradient pass (``patch_coverage``
+    on every :class:`Progress` and on the result); the counts are checkpointed, so a resumed run
+    carries on from exactly the counts of an uninterrupted one. ``on_event(kind, info)`` hears
+    ``"resumed"`` (``epoch``, ``batch``, ``step``, ``path``) once after a checkpoint was loaded,
+    and ``"checkpoint"`` (``epoch``, ``batch``, ``step``, ``path``, ``reason``: "epoch" or
+    "timed") after each checkpoint written.
     """
     started = time.perf_counter()
     device = torch.device(device)
@@ -615,6 +635,7 @@ def train(
 
     start_epoch, step = 0, 0
     history: list[EpochMetrics] = []
+    coverage = torch.zeros(cfg.grid.num_patches, dtype=torch.int64) if is_patchgd else None  # type: ignore[union-attr]
     if resume_from is not None:
         _check_resumable(state, cfg)
         model.load_state_dict(state["model"])
@@ -628,7 +649,20 @@ def train(
             loader_generator.set_state(state["loader_rng"])
         start_epoch, step = state["epoch"], state["step"]
         history = [EpochMetrics(**item) for item in state["history"]]
+        saved_coverage = state.get("coverage")
+        if coverage is not None and isinstance(saved_coverage, torch.Tensor):
+            if saved_coverage.shape != coverage.shape:
+                raise CheckpointError("the checkpoint's patch coverage does not match the patch grid")
+            coverage.copy_(saved_coverage)
     resume_batch = int(state.get("batch", 0))
+    if resume_from is not None and on_event is not None:
+        on_event(
+            "resumed", {"epoch": start_epoch, "batch": resume_batch, "step": step, "path": str(resume_from)}
+        )
+
+    def coverage_list() -> list[int] | None:
+        return coverage.tolist() if coverage is not None else None
+
     has_loader_generator = isinstance(loader_generator, torch.Generator)
 
     def loader_state() -> torch.Tensor | None:
@@ -692,7 +726,14 @@ def train(
                     else TensorPatchSource(images.to(device), cfg.grid)
                 )
                 stats = patchgd_step(
-                    model, optimizer, source, labels, cfg, scheduler=scheduler, generator=sampler
+                    model,
+                    optimizer,
+                    source,
+                    labels,
+                    cfg,
+                    scheduler=scheduler,
+                    generator=sampler,
+                    coverage=coverage,
                 )
                 _close(source)
             else:
@@ -721,6 +762,7 @@ def train(
                         lrs=group_lrs(optimizer),
                         phase_done=batches_done,
                         phase_total=steps_per_epoch,
+                        patch_coverage=coverage_list(),
                     )
                 )
             due = interval_s is not None and clock() - last_saved >= interval_s
@@ -743,10 +785,22 @@ def train(
                         "epoch_loader_rng": epoch_loader_rng,
                         "epoch_losses": list(epoch_losses),
                         "history": [item.to_dict() for item in history],
+                        "coverage": coverage.clone() if coverage is not None else None,
                     },
                     checkpoint_path.parent,  # type: ignore[union-attr]
                 )
                 last_saved = clock()
+                if on_event is not None:
+                    on_event(
+                        "checkpoint",
+                        {
+                            "epoch": epoch,
+                            "batch": batches_done,
+                            "step": step,
+                            "path": str(checkpoint_path),
+                            "reason": "timed",
+                        },
+                    )
         if batches_done < steps_per_epoch:
             # Cancelled or stopped mid-epoch: no evaluation and no epoch-end checkpoint (the last
             # time-based one, if any, stays the newest).
@@ -770,6 +824,7 @@ def train(
                     lr=optimizer.param_groups[0]["lr"],
                     lrs=group_lrs(optimizer),
                     device=device,
+                    patch_coverage=coverage_list(),
                 )
             val = evaluate(
                 model,
@@ -816,10 +871,22 @@ def train(
                     "batch": 0,
                     "step": step,
                     "history": [item.to_dict() for item in history],
+                    "coverage": coverage.clone() if coverage is not None else None,
                 },
                 checkpoint_path.parent,
             )
             last_saved = clock()
+            if on_event is not None:
+                on_event(
+                    "checkpoint",
+                    {
+                        "epoch": epoch + 1,
+                        "batch": 0,
+                        "step": step,
+                        "path": str(checkpoint_path),
+                        "reason": "epoch",
+                    },
+                )
         if on_epoch_end is not None:
             on_epoch_end(metrics)
         if status != "succeeded":
@@ -838,4 +905,5 @@ def train(
         final=final,
         checkpoint_path=checkpoint_path if checkpoint_path is not None and checkpoint_path.exists() else None,
         seconds=time.perf_counter() - started,
+        patch_coverage=coverage_list(),
     )

@@ -202,8 +202,14 @@ def dataset_index_from_report(dataset_dir: Path, report: dict[str, Any]):  # noq
 
 
 class _Lease:
-    """The worker's side of a claimed task: heartbeats (a background thread, and every progress
-    write), the cancel flag and whether the lease is still ours."""
+    """The worker's side of a claimed task: heartbeats, the cancel flag and whether the lease is
+    still ours.
+
+    A background thread writes the heartbeats and the progress: the training loop only hands it
+    the newest snapshot (at most every ``task_progress_interval_seconds``), so a slow database
+    never stalls a training step. Synchronous writes (:meth:`beat`, at an epoch's end) drop an
+    older snapshot still waiting, so the row never goes back in time.
+    """
 
     def __init__(self, settings, task_id: int, worker_id: str) -> None:  # noqa: ANN001 (Settings)
         import threading
@@ -213,10 +219,20 @@ class _Lease:
         self.worker_id = worker_id
         self.lost = False
         self.cancel = False
-        self.last_write = 0.0
+        self.last_progress = 0.0
         self.first_step: int | None = None
+        self.memory_total_bytes = 0
+        self.coverage_n = 0
+        self.last_coverage: list[int] | None = None
+        self._cancel_noted = False
+        self._lost_noted = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._pending: dict[str, Any] | None = None
+        # Guards only the hand-over of the snapshot (never held during a write, so the training
+        # loop never waits for the database); ``_lock`` serialises the writes.
+        self._handover = threading.Lock()
         interval = min(HEARTBEAT_MAX_INTERVAL_SECONDS, settings.task_lease_seconds / 3)
         self._thread = threading.Thread(
             target=self._beat, args=(interval,), name=f"tessera-lease-{task_id}", daemon=True
@@ -228,34 +244,90 @@ class _Lease:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=30)
 
     def beat(self, **progress: Any) -> None:
+        """Write now (extending the lease), from the calling thread."""
+        with self._lock:
+            with self._handover:
+                self._pending = None  # older than this write: it must not land after it
+            self._write(progress)
+        self._note_changes()
+
+    def _write(self, progress: dict[str, Any]) -> None:
         from backend.training import service
 
-        with self._lock:
-            try:
-                mine, cancel = service.heartbeat(self.settings, self.task_id, self.worker_id, **progress)
-            except Exception:  # a database hiccup: the next beat tries again (the lease has slack)
-                logger.warning("heartbeat of task %s failed", self.task_id, exc_info=True)
-                return
-            self.lost = self.lost or not mine
-            self.cancel = cancel
-            self.last_write = time.monotonic()
+        try:
+            mine, cancel = service.heartbeat(self.settings, self.task_id, self.worker_id, **progress)
+        except Exception:  # a database hiccup: the next beat tries again (the lease has slack)
+            logger.warning("heartbeat of task %s failed", self.task_id, exc_info=True)
+            return
+        self.lost = self.lost or not mine
+        self.cancel = cancel
+
+    def event(self, kind: str, message: str, **data: Any) -> None:
+        """One line in the task's log (never fatal: the log is not worth a training run)."""
+        from backend.training import service
+
+        try:
+            service.record_event(
+                self.settings, self.task_id, kind, message, worker_id=self.worker_id, data=data
+            )
+        except Exception:
+            logger.warning("event %s of task %s not written", kind, self.task_id, exc_info=True)
+
+    def _note_changes(self) -> None:
+        if self.cancel and not self._cancel_noted:
+            self._cancel_noted = True
+            self.event("cancel_seen", "The worker saw the cancel request; stopping at the next step.")
+        if self.lost and not self._lost_noted:
+            self._lost_noted = True
+            self.event(
+                "lease_lost",
+                f"Worker {self.worker_id} lost its lease (another worker took the task over); it stops "
+                "without writing results.",
+            )
+
+    def coverage(self, counts: list[int] | None) -> dict[str, Any]:
+        """The ``patch_coverage`` column's value for the engine's counts (empty for the baseline)."""
+        if counts is None or not self.coverage_n:
+            return {}
+        self.last_coverage = counts
+        return {"n": self.coverage_n, "counts": counts, "sampled": int(sum(counts))}
 
     def _beat(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            self.beat()
+        while not self._stop.is_set():
+            self._wake.wait(interval)
+            self._wake.clear()
+            with self._lock:
+                with self._handover:
+                    pending, self._pending = self._pending, None
+                self._write(pending or {})
+            self._note_changes()
 
     def on_progress(self, progress: Any) -> None:
         from backend.training import service
 
         if self.first_step is None and progress.phase == "train":
             self.first_step = progress.step
-            service.note_attempt(self.settings, self.task_id, self.worker_id, first_step=progress.step)
-        if time.monotonic() - self.last_write < self.settings.task_progress_interval_seconds:
+            service.note_attempt(
+                self.settings,
+                self.task_id,
+                self.worker_id,
+                first_step=progress.step,
+                memory_total_bytes=self.memory_total_bytes,
+            )
+        if progress.patch_coverage is not None:
+            self.last_coverage = progress.patch_coverage
+        now = time.monotonic()
+        if now - self.last_progress < self.settings.task_progress_interval_seconds:
             return
-        self.beat(
+        self.last_progress = now
+        extra = {}
+        if progress.patch_coverage is not None:
+            extra["patch_coverage"] = self.coverage(progress.patch_coverage)
+        snapshot = dict(
             epoch=progress.epoch,
             step=progress.step,
             total_steps=progress.total_steps,
@@ -264,7 +336,12 @@ class _Lease:
             images_per_s=float(progress.images_per_s),
             patches_per_s=float(progress.patches_per_s),
             phase=progress.phase[:32],
+            peak_memory_bytes=int(progress.peak_memory_bytes),
+            **extra,
         )
+        with self._handover:
+            self._pending = snapshot
+        self._wake.set()
 
     def should_stop(self) -> bool:
         return self.cancel or self.lost
@@ -305,6 +382,7 @@ def run_task(settings, task_id: int) -> str:  # noqa: ANN001, C901 (Settings; on
 
             if lease.lost:
                 logger.warning("task %s lost its lease and stopped: %s", task_id, exc)
+                lease.event("error", f"Stopped after losing the lease: {type(exc).__name__}.")
                 return "lost"
             if isinstance(exc, EngineError):
                 logger.info("task %s failed: %s", task_id, exc)
@@ -386,12 +464,33 @@ def _train(settings, task_id: int, worker_id: str, spec: dict[str, Any], lease: 
     memory = apply_budget(spec.get("memory_budget_gib"), device)
     if memory is not None:
         service.record_memory_setup(settings, task_id, worker_id, memory)
+    lease.memory_total_bytes = device_memory_bytes(device)
+    lease.coverage_n = cfg.grid.n if spec["algorithm"] == "patchgd" else 0
 
     def on_epoch_end(metrics: Any) -> None:
         data = metrics.to_dict()
         data.pop("val_report", None)
         service.record_epoch(settings, task_id, worker_id, data)
-        lease.beat(epoch=metrics.epoch + 1)
+        # The counts of the epoch's last step are the epoch's (evaluation samples no patches).
+        lease.beat(epoch=metrics.epoch + 1, **_coverage_values(lease))
+
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        # The checkpoint's file name only: users never see server paths.
+        info = {**info, "path": Path(info.get("path", "")).name}
+        if kind == "resumed":
+            lease.event(
+                "resumed",
+                f"Resumed from the checkpoint at epoch {info['epoch'] + 1}, batch {info['batch']} "
+                f"(step {info['step']}).",
+                **info,
+            )
+        elif kind == "checkpoint":
+            where = (
+                f"end of epoch {info['epoch']}"
+                if info["reason"] == "epoch"
+                else f"timed, epoch {info['epoch'] + 1}"
+            )
+            lease.event("checkpoint", f"Checkpoint saved at step {info['step']} ({where}).", **info)
 
     result = train(
         cfg,
@@ -403,7 +502,11 @@ def _train(settings, task_id: int, worker_id: str, spec: dict[str, Any], lease: 
         should_stop=lease.should_stop,
         checkpoint_dir=spec["checkpoint_dir"],
         resume_from="auto",
+        on_event=on_event,
     )
+    if result.patch_coverage is not None:
+        lease.last_coverage = result.patch_coverage
+        lease.beat(**_coverage_values(lease))
     artifacts = service.current_artifacts(settings, task_id)
     if lease.lost:
         return TaskStatus.FAILED, None, artifacts
@@ -427,6 +530,20 @@ def _train(settings, task_id: int, worker_id: str, spec: dict[str, Any], lease: 
         logger.warning("task %s: export failed: %s", task_id, exc)
         artifacts["export_error"] = str(exc)
     return TaskStatus.SUCCEEDED, final, artifacts
+
+
+def _coverage_values(lease: _Lease) -> dict[str, Any]:
+    return {"patch_coverage": lease.coverage(lease.last_coverage)} if lease.last_coverage is not None else {}
+
+
+def device_memory_bytes(device: Any) -> int:
+    """The memory of the device a run trains on: the GPU's, or the machine's RAM on CPU."""
+    import psutil
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return int(psutil.virtual_memory().total)
 
 
 @celery_app.task(name=TRAINING_TRAIN)
