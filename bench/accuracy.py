@@ -46,12 +46,12 @@ BACKBONE = "resnet18"
 GRID = 8
 
 
-def patchgd_config(size: int, epochs: int) -> PatchGDConfig:
+def patchgd_config(size: int, epochs: int, grid: int = GRID) -> PatchGDConfig:
     return PatchGDConfig(
         num_classes=4,
         backbone=BACKBONE,
         image_size=size,
-        patch_size=size // GRID,
+        patch_size=size // grid,
         epochs=epochs,
         precision="fp32",
     )
@@ -61,11 +61,15 @@ def baseline_config(size: int, epochs: int) -> BaselineConfig:
     return BaselineConfig(num_classes=4, backbone=BACKBONE, image_size=size, epochs=epochs, precision="fp32")
 
 
-def downscaled_size(size: int, epochs: int) -> tuple[int, dict[str, float]]:
-    """The largest baseline resolution (multiple of 32) predicted to fit PatchGD's predicted peak."""
+def downscaled_size(size: int, epochs: int, grid: int = GRID) -> tuple[int, dict[str, float]]:
+    """The largest baseline resolution (multiple of 32) predicted to fit PatchGD's predicted peak.
+
+    PatchGD's peak is predicted at the engine's default sampling (k = n*n / 8 patches with
+    gradient at a time), the memory-bounded regime, whatever sampling a CPU run trains with.
+    """
     calibration = calibrate_backbone(BACKBONE, device="cpu", cache_file=RESULTS / "calibration_cpu.json")
     terms = {"bytes_per_pixel": calibration.bytes_per_pixel, "overhead_bytes": calibration.overhead_bytes}
-    budget = estimate_patchgd_bytes(patchgd_config(size, epochs), **terms).total_bytes
+    budget = estimate_patchgd_bytes(patchgd_config(size, epochs, grid), **terms).total_bytes
     base = baseline_config(size, epochs)
     fitting = [
         s
@@ -90,14 +94,19 @@ def run_one(
     epochs: int,
     threads: int,
     overrides: dict | None = None,
+    grid: int = GRID,
+    sampling: float | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Train one model (in this process) and return its curve and final metrics."""
     torch.set_num_threads(threads)
     if method == "patchgd":
-        cfg: PatchGDConfig | BaselineConfig = patchgd_config(size, epochs)
+        cfg: PatchGDConfig | BaselineConfig = dataclasses.replace(
+            patchgd_config(size, epochs, grid), sampling=sampling
+        )
     elif method == "patchgd-stale-z":
         # The reference's regime: one optimizer step per inner iteration (eps = 1).
-        cfg = dataclasses.replace(patchgd_config(size, epochs), accumulation_steps=1)
+        cfg = dataclasses.replace(patchgd_config(size, epochs, grid), sampling=sampling, accumulation_steps=1)
     else:
         cfg = baseline_config(model_size, epochs)
     if overrides:
@@ -124,7 +133,7 @@ def run_one(
         label = method + "".join(f" {k}={v}" for k, v in (overrides or {}).items())
         print(json.dumps({"method": label, "size": size, **curve[-1]}), file=sys.stderr, flush=True)
 
-    result = train(cfg, loaders["train"], loaders["val"], device="cpu", on_epoch_end=on_epoch_end)
+    result = train(cfg, loaders["train"], loaders["val"], device=device, on_epoch_end=on_epoch_end)
     final = result.final or {}
     return {
         "method": method,
@@ -177,7 +186,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def collect(logs: list[str], name: str, epochs: int) -> None:
+def collect(
+    logs: list[str], name: str, epochs: int, grid: int = GRID, extra_rows: list[dict[str, Any]] | None = None
+) -> None:
     """Curves from the epoch lines of stopped or finished runs, saved like a full run's results."""
     curves: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for log in logs:
@@ -194,8 +205,10 @@ def collect(logs: list[str], name: str, epochs: int) -> None:
             {
                 "method": method,
                 "canvas": size,
-                "model_input": downscaled_size(size, epochs)[0] if method == "baseline-downscaled" else size,
-                "memory_model": downscaled_size(size, epochs)[1],
+                "model_input": downscaled_size(size, epochs, grid)[0]
+                if method == "baseline-downscaled"
+                else size,
+                "memory_model": downscaled_size(size, epochs, grid)[1],
                 "curve": curve,
                 "epochs_completed": len(curve),
                 "val_accuracy": last["val_accuracy"],
@@ -203,8 +216,16 @@ def collect(logs: list[str], name: str, epochs: int) -> None:
                 "seconds_per_epoch": round(sum(c["seconds"] for c in curve) / len(curve), 1),
             }
         )
+    rows = sorted(rows + (extra_rows or []), key=lambda r: (r["canvas"], r["method"]))
     write_json(
-        name, {"benchmark": "accuracy", "collected_from_logs": True, "epochs_planned": epochs, "rows": rows}
+        name,
+        {
+            "benchmark": "accuracy",
+            "collected_from_logs": True,
+            "epochs_planned": epochs,
+            "grid": grid,
+            "rows": rows,
+        },
     )
     plot(rows, RESULTS / f"{name}.png")
     print_table(
@@ -219,11 +240,28 @@ def collect(logs: list[str], name: str, epochs: int) -> None:
                     "val_qwk",
                     "seconds_per_epoch",
                 )
+                if k in r
             }
             for r in rows
         ],
         ["canvas", "method", "epochs_completed", "val_accuracy", "val_qwk", "seconds_per_epoch"],
     )
+
+
+def _reused_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Rows of the methods not trained now, from an earlier results file with the same data settings."""
+    earlier = json.loads(Path(args.reuse).read_text())
+    settings = earlier.get("settings", {})
+    for key in ("train", "val", "epochs"):
+        if settings.get(key) != getattr(args, key):
+            raise SystemExit(
+                f"{args.reuse}: {key} was {settings.get(key)}, this run has {getattr(args, key)}"
+            )
+    rows = []
+    for row in earlier["rows"]:
+        if row["canvas"] in args.sizes and row["method"] not in args.methods:
+            rows.append({**row, "epochs_completed": len(row["curve"]), "reused_from": str(args.reuse)})
+    return rows
 
 
 def main() -> None:
@@ -233,6 +271,31 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=150)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda (the downscaled resolution still comes from the CPU-calibrated memory model)",
+    )
+    parser.add_argument(
+        "--grid", type=int, default=GRID, help="PatchGD patches per side (patch = size / grid)"
+    )
+    parser.add_argument(
+        "--sampling",
+        type=float,
+        default=None,
+        help="PatchGD training sampling (default: the engine's 1/8). In the exact regime every k gives "
+        "the same full-image gradient, up to BatchNorm's per-chunk statistics: a larger k only "
+        "trades memory for CPU time. The downscaled baseline's budget is always PatchGD's at 1/8.",
+    )
+    parser.add_argument(
+        "--methods", nargs="+", default=["patchgd", "baseline", "baseline-downscaled"], help="runs to train"
+    )
+    parser.add_argument(
+        "--reuse",
+        default=None,
+        help="results JSON of an earlier run with the same data settings: its rows of the methods not "
+        "trained now are copied (marked reused_from), e.g. baselines when only PatchGD changed",
+    )
     parser.add_argument("--set", action="append", default=[], help="with --one: config override key=json")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
     parser.add_argument("--data-root", default="/tmp/tessera_accuracy")
@@ -248,14 +311,25 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.collect:
-        collect(args.collect, args.name, args.epochs)
+        collect(args.collect, args.name, args.epochs, args.grid, _reused_rows(args) if args.reuse else None)
         return
     if args.one:
         method, data, size, model_size = args.one
         overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
         print(
             json.dumps(
-                run_one(method, data, int(size), int(model_size), args.epochs, args.threads, overrides)
+                run_one(
+                    method,
+                    data,
+                    int(size),
+                    int(model_size),
+                    args.epochs,
+                    args.threads,
+                    overrides,
+                    args.grid,
+                    args.sampling,
+                    args.device,
+                )
             )
         )
         return
@@ -267,8 +341,10 @@ def main() -> None:
         data = Path(args.data_root) / f"ultramnist_{size}_{args.train}_{args.val}"
         if not (data / "labels.csv").exists():
             make_ultramnist(data, canvas_size=size, counts={"train": args.train, "val": args.val}, seed=0)
-        small, budgets[size] = downscaled_size(size, args.epochs)
+        small, budgets[size] = downscaled_size(size, args.epochs, args.grid)
         for method, model_size in (("patchgd", size), ("baseline", size), ("baseline-downscaled", small)):
+            if method not in args.methods:
+                continue
             command = [
                 sys.executable,
                 "-m",
@@ -277,6 +353,11 @@ def main() -> None:
                 str(args.epochs),
                 "--threads",
                 str(args.threads),
+                "--grid",
+                str(args.grid),
+                "--device",
+                args.device,
+                *(["--sampling", str(args.sampling)] if args.sampling is not None else []),
                 "--one",
                 method,
                 str(data),
@@ -284,6 +365,7 @@ def main() -> None:
                 str(model_size),
             ]
             jobs.append((command, budgets[size]))
+    reused = _reused_rows(args) if args.reuse else []
     # Runs are independent processes; --parallel N runs N at a time (times per epoch then include
     # the contention between them, on top of whatever else shares the machine).
     rows: list[dict[str, Any]] = []
@@ -302,16 +384,19 @@ def main() -> None:
         rows.append(row)
         # Saved after every finished run, so a long run that is stopped keeps what it measured.
         write_json(args.name, {"benchmark": "accuracy", "partial": True, "rows": rows})
+    rows = sorted(rows + reused, key=lambda r: (r["canvas"], r["method"]))
     payload = {
         "benchmark": "accuracy",
-        "machine": machine("cpu"),
+        "machine": machine(args.device),
         "settings": {
             "sizes": args.sizes,
             "train": args.train,
             "val": args.val,
             "epochs": args.epochs,
             "backbone": BACKBONE,
-            "grid": GRID,
+            "grid": args.grid,
+            "patchgd_sampling": args.sampling if args.sampling is not None else 0.125,
+            "reused_from": args.reuse,
             "seed": 0,
             "precision": "fp32",
             "note": "CPU shared with other jobs: times are noisy",

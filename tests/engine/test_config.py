@@ -42,7 +42,7 @@ def test_sampling_and_patches_per_step_drive_k() -> None:
         ({"batch_size": True}, "batch_size must be a whole number"),
         ({"epochs": 2.5}, "epochs must be a whole number"),
         ({"precision": "fp16"}, "precision must be one of auto, fp32, bf16"),
-        ({"head": "mlp"}, "head must be one of reference, linear"),
+        ({"head": "mlp"}, "head must be one of reference, pooled, linear"),
         ({"lr_head": 0}, "lr_head must be greater than 0"),
         ({"head_dropout": 1.0}, "head_dropout must be below 1"),
         ({"channels_last": "yes"}, "channels_last must be 'auto', true or false"),

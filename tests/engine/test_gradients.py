@@ -68,12 +68,13 @@ def _float64_problem(cfg: PatchGDConfig, seed: int = 0):
 @pytest.mark.parametrize(
     "changes",
     [
-        {},  # k = 4 of 16 patches, 4 inner iterations, one accumulation window
+        {"head": "reference"},  # k = 4 of 16 patches, 4 inner iterations, one accumulation window
         {"sampling": None, "patches_per_step": 3},  # last chunk holds 1 patch
         {"per_image_positions": True},
         {"head": "linear"},
+        {"head": "pooled"},
     ],
-    ids=["reference-head", "uneven-chunks", "per-image-positions", "linear-head"],
+    ids=["reference-head", "uneven-chunks", "per-image-positions", "linear-head", "pooled-head"],
 )
 def test_full_sweep_accumulation_equals_full_image_gradient(changes: dict) -> None:
     cfg = _tiny_cfg(**changes)

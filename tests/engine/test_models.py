@@ -93,13 +93,56 @@ def test_single_channel_backbone() -> None:
         assert backbone(torch.randn(1, 1, 32, 32)).shape == (1, 4)
 
 
+@pytest.mark.parametrize("kind", ["reference", "pooled"])
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 9, 16])
-def test_reference_head_handles_small_grids_even_for_one_image(n: int) -> None:
-    head = PatchGDHead(8, 3, n, width=8).train()
+def test_heads_handle_small_grids_even_for_one_image(n: int, kind: str) -> None:
+    head = PatchGDHead(8, 3, n, kind=kind, width=8).train()
     logits = head(torch.randn(1, 8, n, n))
     assert logits.shape == (1, 3)
     logits.sum().backward()
     assert all(p.grad is not None for p in head.parameters())
+
+
+def _randomised_head(kind: str, n: int) -> PatchGDHead:
+    """A head in eval mode with random BatchNorm statistics and affine terms (not the identity)."""
+    torch.manual_seed(0)
+    head = PatchGDHead(6, 4, n, kind=kind, width=5).double().eval()
+    for module in head.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(module.bias, -1, 1)
+    return head
+
+
+def _one_object(n: int, row: int, col: int, background: torch.Tensor, thing: torch.Tensor) -> torch.Tensor:
+    z = background.view(1, -1, 1, 1).repeat(1, 1, n, n)
+    z[0, :, row, col] = thing
+    return z
+
+
+def test_default_head_reads_an_object_the_same_wherever_it_lies() -> None:
+    """The digit sum does not depend on where digits are, and the default head cannot make it.
+
+    One latent "object" on a uniform background, at two grid cells at least four cells from the
+    border (two 3x3 convolutions spread it two cells; the zero padding changes the outer two rings
+    of the second convolution): the default (pooled) head gives the same logits for both. The
+    reference head's flatten + Linear weighs every position separately, so there the logits
+    differ: its classifier has to learn the same fact once per position, from the few canvases
+    that had a digit there.
+    """
+    n = 12
+    assert PatchGDConfig(num_classes=4).head == "pooled"
+    torch.manual_seed(1)
+    background, thing = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    with torch.no_grad():
+        pooled = _randomised_head("pooled", n)
+        a, b = (pooled(_one_object(n, r, c, background, thing)) for r, c in ((4, 4), (7, 6)))
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+        reference = _randomised_head("reference", n)
+        a, b = (reference(_one_object(n, r, c, background, thing)) for r, c in ((4, 4), (7, 6)))
+        assert (a - b).abs().max() > 1e-6  # float64 noise is ~1e-15
 
 
 def test_patchgd_model_shapes_and_full_forward() -> None:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .grid import PatchGrid
 
 PRECISIONS = ("auto", "fp32", "bf16")
-HEADS = ("reference", "linear")
+HEADS = ("reference", "pooled", "linear")
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -118,7 +118,7 @@ class PatchGDConfig(_ConfigMixin):
     inner_iterations: int | None = None
     accumulation_steps: int | None = None
     latent_dim: int = 256
-    head: str = "reference"
+    head: str = "pooled"
     head_width: int = 256
     head_dropout: float = 0.2
     epochs: int = 10

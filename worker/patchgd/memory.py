@@ -602,8 +602,14 @@ def estimate_patchgd_bytes(
     z_cells = batch * cfg.latent_dim * n * n
     # The reference head: four conv blocks each keep conv out, BN out and dropout mask for
     # backward; the first (stride 1) dominates, at head_width channels on an n x n (>= 9) map.
-    side = max(n, 9)
-    head_act = batch * cfg.head_width * side * side * FLOAT_BYTES * 4 * 2 if cfg.head == "reference" else 0
+    # The pooled head: two stride-1 blocks, each keeping conv out and BN out, on the n x n map.
+    if cfg.head == "reference":
+        side = max(n, 9)
+        head_act = batch * cfg.head_width * side * side * FLOAT_BYTES * 4 * 2
+    elif cfg.head == "pooled":
+        head_act = batch * cfg.head_width * max(n, 2) ** 2 * FLOAT_BYTES * 2 * 2
+    else:
+        head_act = 0
     pixels_in_flight = batch * k * 3 * p * p
     terms = {
         "params_grads_optimizer": ADAM_BYTES_PER_PARAM * (backbone_params + head_params),

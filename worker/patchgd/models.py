@@ -215,6 +215,10 @@ class PatchGDHead(nn.Module):
     ReLU -> BatchNorm -> Dropout2d), flatten, Linear. Every conv pads by 1, so each stride-2 block
     maps size m to ceil(m / 2) and never to zero; grids smaller than 9 x 9 are zero-padded on the
     bottom and right to 9 x 9 first (see ``_HEAD_MIN_GRID``).
+    ``pooled``: two Conv3x3 stride-1 blocks (Conv -> BatchNorm -> ReLU) that combine each cell
+    with its neighbours (a digit cut by patch borders is assembled here), then a global average
+    pool, Dropout and Linear. Like the full-image baseline's pooled classifier it is the same
+    function at every grid position, so what it learns about a digit in one place holds anywhere.
     ``linear``: global average pool of Z, Dropout, Linear (no spatial reasoning; cheap).
     """
 
@@ -247,6 +251,18 @@ class PatchGDHead(nn.Module):
             for _ in range(3):
                 side = (side + 1) // 2
             self.classifier = nn.Linear(width * side * side, num_classes)
+        elif kind == "pooled":
+            blocks = []
+            channels = latent_dim
+            for _ in range(2):
+                blocks += [
+                    nn.Conv2d(channels, width, kernel_size=3, stride=1, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                ]
+                channels = width
+            self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Dropout(dropout))
+            self.classifier = nn.Linear(width, num_classes)
         elif kind == "linear":
             self.features = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Dropout(dropout))
             self.classifier = nn.Linear(latent_dim, num_classes)
@@ -258,6 +274,9 @@ class PatchGDHead(nn.Module):
         if self.kind == "reference" and self.grid_n < _HEAD_MIN_GRID:
             pad = _HEAD_MIN_GRID - self.grid_n
             z = F.pad(z, (0, pad, 0, pad))
+        elif self.kind == "pooled" and self.grid_n == 1:
+            # A 1 x 1 grid of one image would leave BatchNorm a single value per channel.
+            z = F.pad(z, (0, 1, 0, 1))
         return self.classifier(torch.flatten(self.features(z), 1))
 
 
