@@ -16,6 +16,7 @@ from worker.patchgd.memory import (
     SyntheticPatchSource,
     calibrate_backbone,
     calibration_counts,
+    calibration_from_peaks,
     calibration_patch_size,
     estimate_baseline_bytes,
     estimate_patchgd_bytes,
@@ -24,6 +25,7 @@ from worker.patchgd.memory import (
     plan,
     plan_baseline,
     plan_patchgd,
+    step_calibration_points,
 )
 from worker.patchgd.testing import allocate_and_touch
 
@@ -135,6 +137,45 @@ def test_estimate_counts_the_head_optimizer_temporary_only() -> None:
     assert terms["runtime_overhead"] == 7
     base = BaselineConfig(num_classes=3, backbone="mobilenet_v3_small", image_size=512, batch_size=1)
     assert "optimizer_workspace" not in estimate_baseline_bytes(base, bytes_per_pixel=500.0).terms
+
+
+def test_step_calibration_points() -> None:
+    for patch, image in ((128, 8192), (256, 2048), (512, 16384)):
+        cfg = _small_cfg(image_size=image, patch_size=patch, patches_per_step=16, batch_size=4)
+        first, second = step_calibration_points(cfg)
+        assert (first.k, second.k) == calibration_counts(patch)
+        for point in (first, second):
+            assert point.batch_size == 1 and point.patch_size == patch
+            assert point.grid.num_patches >= second.k and point.grid.n >= 3
+            assert point.is_exact  # a full sweep: the defaults the planner's trials use
+    for size, expected in ((2048, (288, 512)), (928, (288, 512)), (200, (96, 192)), (32, (32, 64))):
+        base = BaselineConfig(num_classes=3, backbone="resnet18", image_size=size, batch_size=2)
+        points = step_calibration_points(base)
+        assert tuple(p.image_size for p in points) == expected
+        assert all(p.batch_size == 1 and p.image_size % 32 == 0 for p in points)
+
+
+@pytest.mark.parametrize("overhead", [48 * MIB, -20 * MIB])
+def test_calibration_from_peaks_inverts_the_model(overhead) -> None:
+    # Peaks made by the model itself from known c and overhead give them back: the calibration
+    # subtracts exactly the terms the estimate adds (a negative overhead is kept, see its doc).
+    cfg = _small_cfg(image_size=4096, patch_size=256, patches_per_step=8, batch_size=2)
+    first, second = step_calibration_points(cfg)
+    peaks = tuple(
+        estimate_patchgd_bytes(p, bytes_per_pixel=700.0, streaming=True, overhead_bytes=overhead).total_bytes
+        for p in (first, second)
+    )
+    found = calibration_from_peaks(cfg, peaks)
+    assert found.bytes_per_pixel == pytest.approx(700.0, rel=1e-6)
+    assert abs(found.overhead_bytes - overhead) <= 2
+    base = BaselineConfig(num_classes=3, backbone="mobilenet_v3_small", image_size=1024, batch_size=1)
+    low, top = step_calibration_points(base)
+    peaks = tuple(
+        estimate_baseline_bytes(p, bytes_per_pixel=900.0, overhead_bytes=overhead).total_bytes for p in (low, top)
+    )
+    found = calibration_from_peaks(base, peaks)
+    assert found.bytes_per_pixel == pytest.approx(900.0, rel=1e-6)
+    assert abs(found.overhead_bytes - overhead) <= 2
 
 
 def test_cached_calibration_of_the_current_method_is_used_without_measuring(tmp_path, monkeypatch) -> None:

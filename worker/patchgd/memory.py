@@ -967,23 +967,136 @@ def calibration_patch_size(cfg: PatchGDConfig | BaselineConfig) -> int:
     return int(min(cfg.image_size, 256))
 
 
+# Stored with every cached step calibration; an entry of another method is measured again.
+_STEP_CALIBRATION_METHOD = 1
+# The largest baseline calibration image: a 512 px image already has the per-pixel cost of larger
+# ones (the stem's activations are past the C allocator's 32 MiB mmap ceiling, as at large sizes),
+# and two runs at <= 512 px cost less than one step at the sizes a budget is planned for.
+_BASELINE_CALIBRATION_MAX = 512
+
+
+def step_calibration_points(cfg: PatchGDConfig | BaselineConfig) -> tuple[Any, Any]:
+    """The two small configurations a step calibration measures for `cfg` (smaller first).
+
+    PatchGD: batch 1, the configured patch size, k from `calibration_counts` (so the pair holds
+    the pixels of (2, 6) patches of 256 px), on the smallest grid that holds the larger k
+    (n >= 3), streamed: what differs between the two is the k patches encoded with gradient.
+    Baseline: batch 1 at two sizes (multiples of 32): min(S, 512) (at least 64) and about
+    1/sqrt(3) of it.
+    """
+    if isinstance(cfg, PatchGDConfig):
+        small, large = calibration_counts(int(cfg.patch_size))
+        n = max(3, math.isqrt(large - 1) + 1)
+        return tuple(
+            dataclasses.replace(
+                cfg,
+                batch_size=1,
+                image_size=n * int(cfg.patch_size),
+                patches_per_step=k,
+                sampling=None,
+                inner_iterations=None,
+                accumulation_steps=None,
+            )
+            for k in (small, large)
+        )
+    top = max(64, min(int(cfg.image_size), _BASELINE_CALIBRATION_MAX) // 32 * 32)
+    low = max(32, round(top / math.sqrt(3) / 32) * 32)
+    return tuple(dataclasses.replace(cfg, batch_size=1, image_size=size) for size in (low, top))
+
+
+def calibration_from_peaks(
+    cfg: PatchGDConfig | BaselineConfig, peaks: tuple[int, int]
+) -> Calibration:
+    """c and the fixed overhead from the measured peaks of `step_calibration_points(cfg)`.
+
+    c is the peak difference over the pixel difference, less the 12 B/px of float input the
+    model counts in its image-buffer term; the overhead is what the smaller run held beyond the
+    model's other terms for it (parameters, gradients, AdamW state, Z, head, input) at that c.
+    It may be negative: a step reuses for its activations memory the allocator kept from the
+    optimizer's warm-up, which a sum of separately counted terms would count twice.
+    """
+    first, second = step_calibration_points(cfg)
+    input_bytes_per_pixel = 3 * FLOAT_BYTES
+    if isinstance(cfg, PatchGDConfig):
+        pixels = (second.k - first.k) * cfg.patch_size**2
+        per_pixel = max(peaks[1] - peaks[0], 0) / pixels - input_bytes_per_pixel
+        per_pixel = max(per_pixel, 0.0)
+        fixed = estimate_patchgd_bytes(first, bytes_per_pixel=per_pixel, streaming=True)
+    else:
+        pixels = second.image_size**2 - first.image_size**2
+        per_pixel = max(max(peaks[1] - peaks[0], 0) / pixels - input_bytes_per_pixel, 0.0)
+        fixed = estimate_baseline_bytes(first, bytes_per_pixel=per_pixel)
+    return Calibration(per_pixel, int(peaks[0] - fixed.total_bytes))
+
+
+def calibrate_step(
+    cfg: PatchGDConfig | BaselineConfig,
+    device: str = "cpu",
+    *,
+    cache_file: str | os.PathLike[str] | None = None,
+) -> Calibration:
+    """Measure (once) c and the fixed overhead of a training step like `cfg`'s: the planner's own
+    trial (`patchgd_trial` streamed, or `baseline_trial`) at the two `step_calibration_points`.
+
+    Unlike `calibrate_backbone` (a bare forward/backward of the backbone), the runs hold all a
+    step holds (AdamW state from a real step, the fill pass, Z, the head, two inner iterations)
+    and are measured the way the planner's verification is; the model is linear in the pixels
+    encoded with gradient only over a limited range (the C allocator reuses what the optimizer's
+    warm-up freed), so calibrating at the configured patch size and a k near the usual ones
+    keeps its prediction close. Cached in memory and, if given, in the JSON `cache_file`, keyed
+    by algorithm, backbone, device type, precision, memory format and size.
+    """
+    dev_type = _device_type(device)
+    algorithm = "patchgd" if isinstance(cfg, PatchGDConfig) else "baseline"
+    first, second = step_calibration_points(cfg)
+    size = cfg.patch_size if isinstance(cfg, PatchGDConfig) else second.image_size
+    precision = "bf16" if cfg.use_bf16(dev_type) else "fp32"
+    layout = "cl" if cfg.use_channels_last(dev_type) else "cf"
+    key = f"{algorithm}:{cfg.backbone}|{dev_type}|{precision}|{layout}|{size}"
+    if key in _CALIBRATION:
+        return _CALIBRATION[key]
+    stored: dict[str, dict[str, Any]] = {}
+    if cache_file is not None and Path(cache_file).is_file():
+        stored = json.loads(Path(cache_file).read_text())
+        entry = stored.get(key)
+        if entry is not None and entry.get("method") == _STEP_CALIBRATION_METHOD:
+            _CALIBRATION[key] = Calibration(float(entry["bytes_per_pixel"]), int(entry["overhead_bytes"]))
+            return _CALIBRATION[key]
+    peaks = []
+    for point in (first, second):
+        if algorithm == "patchgd":
+            result = measure_peak(
+                patchgd_trial, point.to_dict(), device, TRIAL_INNER_ITERATIONS, None, True,
+                device=device, timeout_s=900,
+            )
+        else:
+            result = measure_peak(baseline_trial, point.to_dict(), device, device=device, timeout_s=900)
+        if not result.fits or result.peak_bytes is None:
+            raise RuntimeError(f"calibration of {cfg.backbone} failed: {result.reason}")
+        peaks.append(result.peak_bytes)
+    calibration = calibration_from_peaks(cfg, (peaks[0], peaks[1]))
+    _CALIBRATION[key] = calibration
+    if cache_file is not None:
+        stored[key] = {
+            **dataclasses.asdict(calibration),
+            "method": _STEP_CALIBRATION_METHOD,
+            "peaks": peaks,
+        }
+        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(cache_file).write_text(json.dumps(stored, indent=2, sort_keys=True))
+    return calibration
+
+
 def _model_terms(
     cfg: PatchGDConfig | BaselineConfig,
     device: str,
     calibration: Calibration | None,
     cache_file: str | os.PathLike[str] | None,
 ) -> dict[str, float]:
-    """The calibrated terms of the analytic model (measured, and cached, when not given)."""
+    """The calibrated terms of the analytic model (measured by `calibrate_step`, and cached, when
+    not given)."""
     if calibration is None:
-        dev_type = _device_type(device)
-        calibration = calibrate_backbone(
-            cfg.backbone,
-            device=device,
-            bf16=cfg.use_bf16(dev_type),
-            channels_last=cfg.use_channels_last(dev_type),
-            patch_size=calibration_patch_size(cfg),
-            cache_file=cache_file,
-        )
+        calibration = calibrate_step(cfg, device, cache_file=cache_file)
     return {"bytes_per_pixel": calibration.bytes_per_pixel, "overhead_bytes": calibration.overhead_bytes}
 
 
