@@ -171,7 +171,8 @@ def test_calibration_from_peaks_inverts_the_model(overhead) -> None:
     base = BaselineConfig(num_classes=3, backbone="mobilenet_v3_small", image_size=1024, batch_size=1)
     low, top = step_calibration_points(base)
     peaks = tuple(
-        estimate_baseline_bytes(p, bytes_per_pixel=900.0, overhead_bytes=overhead).total_bytes for p in (low, top)
+        estimate_baseline_bytes(p, bytes_per_pixel=900.0, overhead_bytes=overhead).total_bytes
+        for p in (low, top)
     )
     found = calibration_from_peaks(base, peaks)
     assert found.bytes_per_pixel == pytest.approx(900.0, rel=1e-6)
@@ -202,7 +203,9 @@ def test_planner_choice_is_measured_under_the_budget(tmp_path, monkeypatch) -> N
     cfg = _small_cfg()
     cache = tmp_path / "calibration.json"
     # An entry of an earlier calibration method (no "method") is measured again, not used.
-    cache.write_text(json.dumps({"mobilenet_v3_small|cpu|fp32|cf|128": {"bytes_per_pixel": 1e9, "overhead_bytes": 0}}))
+    cache.write_text(
+        json.dumps({"mobilenet_v3_small|cpu|fp32|cf|128": {"bytes_per_pixel": 1e9, "overhead_bytes": 0}})
+    )
     calibration = calibrate_backbone("mobilenet_v3_small", cache_file=cache)
     assert 100 < calibration.bytes_per_pixel < 5000
     assert 0 <= calibration.overhead_bytes < 500 * MIB

@@ -532,7 +532,11 @@ def calibrate_backbone(
     calibration = Calibration(per_pixel, overhead)
     _CALIBRATION[key] = calibration
     if cache_file is not None:
-        stored[key] = {**dataclasses.asdict(calibration), "method": _CALIBRATION_METHOD, "counts": list(counts)}
+        stored[key] = {
+            **dataclasses.asdict(calibration),
+            "method": _CALIBRATION_METHOD,
+            "counts": list(counts),
+        }
         Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
         Path(cache_file).write_text(json.dumps(stored, indent=2, sort_keys=True))
     return calibration
@@ -1004,9 +1008,7 @@ def step_calibration_points(cfg: PatchGDConfig | BaselineConfig) -> tuple[Any, A
     return tuple(dataclasses.replace(cfg, batch_size=1, image_size=size) for size in (low, top))
 
 
-def calibration_from_peaks(
-    cfg: PatchGDConfig | BaselineConfig, peaks: tuple[int, int]
-) -> Calibration:
+def calibration_from_peaks(cfg: PatchGDConfig | BaselineConfig, peaks: tuple[int, int]) -> Calibration:
     """c and the fixed overhead from the measured peaks of `step_calibration_points(cfg)`.
 
     c is the peak difference over the pixel difference, less the 12 B/px of float input the
@@ -1066,8 +1068,14 @@ def calibrate_step(
     for point in (first, second):
         if algorithm == "patchgd":
             result = measure_peak(
-                patchgd_trial, point.to_dict(), device, TRIAL_INNER_ITERATIONS, None, True,
-                device=device, timeout_s=900,
+                patchgd_trial,
+                point.to_dict(),
+                device,
+                TRIAL_INNER_ITERATIONS,
+                None,
+                True,
+                device=device,
+                timeout_s=900,
             )
         else:
             result = measure_peak(baseline_trial, point.to_dict(), device, device=device, timeout_s=900)
