@@ -972,7 +972,7 @@ def calibration_patch_size(cfg: PatchGDConfig | BaselineConfig) -> int:
 
 
 # Stored with every cached step calibration; an entry of another method is measured again.
-_STEP_CALIBRATION_METHOD = 1
+_STEP_CALIBRATION_METHOD = 2
 # The largest baseline calibration image: a 512 px image already has the per-pixel cost of larger
 # ones (the stem's activations are past the C allocator's 32 MiB mmap ceiling, as at large sizes),
 # and two runs at <= 512 px cost less than one step at the sizes a budget is planned for.
@@ -983,14 +983,16 @@ def step_calibration_points(cfg: PatchGDConfig | BaselineConfig) -> tuple[Any, A
     """The two small configurations a step calibration measures for `cfg` (smaller first).
 
     PatchGD: batch 1, the configured patch size, k from `calibration_counts` (so the pair holds
-    the pixels of (2, 6) patches of 256 px), on the smallest grid that holds the larger k
-    (n >= 3), streamed: what differs between the two is the k patches encoded with gradient.
+    the pixels of (2, 6) patches of 256 px), on the smallest grid that holds two full inner
+    iterations of the larger k (n >= 3; with fewer patches the second iteration, where the
+    step's peak is, would encode only the rest of the sweep), streamed: what differs between the
+    two is the k patches encoded with gradient.
     Baseline: batch 1 at two sizes (multiples of 32): min(S, 512) (at least 64) and about
     1/sqrt(3) of it.
     """
     if isinstance(cfg, PatchGDConfig):
         small, large = calibration_counts(int(cfg.patch_size))
-        n = max(3, math.isqrt(large - 1) + 1)
+        n = max(3, math.isqrt(2 * large - 1) + 1)
         return tuple(
             dataclasses.replace(
                 cfg,
