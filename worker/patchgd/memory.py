@@ -456,10 +456,9 @@ class Calibration:
 
 _CALIBRATION: dict[str, Calibration] = {}
 # The two calibration runs hold the pixels of (2, 6) patches of 256 px whatever the patch size:
-# their difference (about 1 M pixels, a few hundred MiB of activations) is what c is read from,
-# and the C allocator's placement noise (tens of MiB either way on a peak) must stay small beside
-# it. A fixed (2, 6) patches made the difference 16x smaller at 64 px than at 256 px: at 128 px
-# the same backbone calibrated 20-40% apart from one run to the next.
+# their difference (262 k pixels, 100-600 MiB of activations) is what c is read from, and the C
+# allocator's placement noise (tens of MiB either way on a peak) must stay small beside it. A
+# fixed (2, 6) patches made the difference 4x smaller at 128 px than at 256 px, and 16x at 64 px.
 _CALIBRATION_REFERENCE_PATCH = 256
 _CALIBRATION_COUNTS = (2, 6)
 # Stored with every cached calibration; an entry of another method is measured again. 2: patch
@@ -973,9 +972,11 @@ def calibration_patch_size(cfg: PatchGDConfig | BaselineConfig) -> int:
 
 # Stored with every cached step calibration; an entry of another method is measured again.
 _STEP_CALIBRATION_METHOD = 2
-# The largest baseline calibration image: a 512 px image already has the per-pixel cost of larger
-# ones (the stem's activations are past the C allocator's 32 MiB mmap ceiling, as at large sizes),
-# and two runs at <= 512 px cost less than one step at the sizes a budget is planned for.
+# The largest baseline calibration image: two runs at <= 512 px cost less than one step at the
+# sizes a budget is planned for. The per-pixel cost still falls beyond it (the larger the image,
+# the more of its activations are above glibc's 32 MiB mmap ceiling and returned exactly when
+# freed, instead of sitting in the heap with its slack), so larger baselines are over-predicted
+# (ResNet50 at 896 px by 11%, docs/benchmarks.md).
 _BASELINE_CALIBRATION_MAX = 512
 
 
