@@ -15,6 +15,8 @@ from worker.patchgd.memory import (
     RssSampler,
     SyntheticPatchSource,
     calibrate_backbone,
+    calibration_counts,
+    calibration_from_peaks,
     calibration_patch_size,
     estimate_baseline_bytes,
     estimate_patchgd_bytes,
@@ -23,6 +25,7 @@ from worker.patchgd.memory import (
     plan,
     plan_baseline,
     plan_patchgd,
+    step_calibration_points,
 )
 from worker.patchgd.testing import allocate_and_touch
 
@@ -109,12 +112,106 @@ def test_estimate_terms_scale_as_the_model_says() -> None:
     assert b1024.terms["activations"] == 4 * b512.terms["activations"]
 
 
-def test_planner_choice_is_measured_under_the_budget(tmp_path) -> None:
+def test_calibration_counts_hold_the_same_pixels_at_every_patch_size() -> None:
+    # Two runs of (2, 6) patches of 256 px, in pixels: the difference c is read from does not
+    # shrink with the patch, so neither does its size beside the allocator's noise.
+    for patch in (32, 64, 128, 256):
+        small, large = calibration_counts(patch)
+        assert large == 3 * small and small * patch * patch == 2 * 256 * 256, patch
+    assert calibration_counts(128) == (8, 24)
+    assert calibration_counts(512) == (1, 3) and calibration_counts(1024) == (1, 3)  # at least one patch
+    with pytest.raises(ValueError, match="positive"):
+        calibration_counts(0)
+
+
+def test_estimate_counts_the_head_optimizer_temporary_only() -> None:
+    # The backbone's optimizer temporaries are in the measured overhead (calibration runs hold
+    # AdamW state made by a real step); only the head, never calibrated, gets the 4 B/param.
     cfg = _small_cfg()
-    calibration = calibrate_backbone("mobilenet_v3_small", cache_file=tmp_path / "calibration.json")
+    from worker.patchgd import memory
+
+    backbone_params, head_params = memory._patchgd_param_counts(cfg)
+    terms = estimate_patchgd_bytes(cfg, bytes_per_pixel=500.0, overhead_bytes=7).terms
+    assert terms["optimizer_workspace"] == 4 * head_params
+    assert terms["params_grads_optimizer"] == 16 * (backbone_params + head_params)
+    assert terms["runtime_overhead"] == 7
+    base = BaselineConfig(num_classes=3, backbone="mobilenet_v3_small", image_size=512, batch_size=1)
+    assert "optimizer_workspace" not in estimate_baseline_bytes(base, bytes_per_pixel=500.0).terms
+
+
+def test_step_calibration_points() -> None:
+    for patch, image in ((128, 8192), (256, 2048), (512, 16384)):
+        cfg = _small_cfg(image_size=image, patch_size=patch, patches_per_step=16, batch_size=4)
+        first, second = step_calibration_points(cfg)
+        assert (first.k, second.k) == calibration_counts(patch)
+        for point in (first, second):
+            assert point.batch_size == 1 and point.patch_size == patch
+            # Both measured inner iterations encode k patches: the grid holds two of the larger k.
+            assert point.grid.num_patches >= 2 * second.k and point.grid.n >= 3
+            assert point.is_exact  # a full sweep: the defaults the planner's trials use
+    for size, expected in ((2048, (288, 512)), (928, (288, 512)), (200, (96, 192)), (32, (32, 64))):
+        base = BaselineConfig(num_classes=3, backbone="resnet18", image_size=size, batch_size=2)
+        points = step_calibration_points(base)
+        assert tuple(p.image_size for p in points) == expected
+        assert all(p.batch_size == 1 and p.image_size % 32 == 0 for p in points)
+
+
+@pytest.mark.parametrize("overhead", [48 * MIB, -20 * MIB])
+def test_calibration_from_peaks_inverts_the_model(overhead) -> None:
+    # Peaks made by the model itself from known c and overhead give them back: the calibration
+    # subtracts exactly the terms the estimate adds (a negative overhead is kept, see its doc).
+    cfg = _small_cfg(image_size=4096, patch_size=256, patches_per_step=8, batch_size=2)
+    first, second = step_calibration_points(cfg)
+    peaks = tuple(
+        estimate_patchgd_bytes(p, bytes_per_pixel=700.0, streaming=True, overhead_bytes=overhead).total_bytes
+        for p in (first, second)
+    )
+    found = calibration_from_peaks(cfg, peaks)
+    assert found.bytes_per_pixel == pytest.approx(700.0, rel=1e-6)
+    assert abs(found.overhead_bytes - overhead) <= 2
+    base = BaselineConfig(num_classes=3, backbone="mobilenet_v3_small", image_size=1024, batch_size=1)
+    low, top = step_calibration_points(base)
+    peaks = tuple(
+        estimate_baseline_bytes(p, bytes_per_pixel=900.0, overhead_bytes=overhead).total_bytes
+        for p in (low, top)
+    )
+    found = calibration_from_peaks(base, peaks)
+    assert found.bytes_per_pixel == pytest.approx(900.0, rel=1e-6)
+    assert abs(found.overhead_bytes - overhead) <= 2
+
+
+def test_cached_calibration_of_the_current_method_is_used_without_measuring(tmp_path, monkeypatch) -> None:
+    from worker.patchgd import memory
+
+    monkeypatch.setattr(memory, "_CALIBRATION", {})
+    cache = tmp_path / "calibration.json"
+    # No backbone has this name: measuring it would fail, so an answer proves the cache was read.
+    key = "no_such_backbone|cpu|fp32|cf|96"
+    entry = {"bytes_per_pixel": 1234.5, "overhead_bytes": 42, "method": memory._CALIBRATION_METHOD}
+    cache.write_text(json.dumps({key: entry}))
+    assert calibrate_backbone("no_such_backbone", patch_size=96, cache_file=cache) == Calibration(1234.5, 42)
+    # The same entry from an earlier method is not trusted: it is measured again (and fails here).
+    monkeypatch.setattr(memory, "_CALIBRATION", {})
+    cache.write_text(json.dumps({key: {"bytes_per_pixel": 1234.5, "overhead_bytes": 42}}))
+    with pytest.raises(RuntimeError, match="calibration of no_such_backbone failed"):
+        calibrate_backbone("no_such_backbone", patch_size=96, cache_file=cache)
+
+
+def test_planner_choice_is_measured_under_the_budget(tmp_path, monkeypatch) -> None:
+    from worker.patchgd import memory
+
+    monkeypatch.setattr(memory, "_CALIBRATION", {})
+    cfg = _small_cfg()
+    cache = tmp_path / "calibration.json"
+    # An entry of an earlier calibration method (no "method") is measured again, not used.
+    cache.write_text(
+        json.dumps({"mobilenet_v3_small|cpu|fp32|cf|128": {"bytes_per_pixel": 1e9, "overhead_bytes": 0}})
+    )
+    calibration = calibrate_backbone("mobilenet_v3_small", cache_file=cache)
     assert 100 < calibration.bytes_per_pixel < 5000
     assert 0 <= calibration.overhead_bytes < 500 * MIB
-    assert (tmp_path / "calibration.json").is_file()
+    stored = json.loads(cache.read_text())["mobilenet_v3_small|cpu|fp32|cf|128"]
+    assert stored["method"] == memory._CALIBRATION_METHOD and stored["counts"] == [8, 24]
     budget_gib = 0.25
     wanted = estimate_patchgd_bytes(
         cfg, bytes_per_pixel=calibration.bytes_per_pixel, overhead_bytes=calibration.overhead_bytes

@@ -47,8 +47,11 @@ GIB = 1 << 30
 ADAM_BYTES_PER_PARAM = 16
 # Every optimizer step of torch's (foreach) Adam makes one parameter-sized temporary
 # (``_foreach_sqrt(exp_avg_sq)``). The allocator keeps what it frees for later tensors, so on CPU
-# the process holds it through the step's forward and backward too; measured trials of
-# ResNet18/50 otherwise peaked 4-4.5 bytes per parameter above the model.
+# the process holds it through the step's forward and backward too: measured trials of
+# ResNet18/50 peaked 4-4.5 bytes per parameter above parameters, gradients and moments. For the
+# backbone this is measured, inside the calibrated overhead (the calibration runs hold AdamW
+# state made by a real step); for the PatchGD head, which the calibration does not build, the
+# model adds this many bytes per parameter.
 OPTIMIZER_WORKSPACE_BYTES_PER_PARAM = 4
 FLOAT_BYTES = 4
 # Predicted peaks are kept below this fraction of the budget: the model ignores allocator slack.
@@ -414,11 +417,17 @@ def calibration_workload(
 ) -> float:
     """One forward + backward of the backbone over `num_patches` patches (run inside measure_peak).
 
-    Parameters and gradients exist in every run, so the difference between two runs with
-    different patch counts is the activation memory alone.
+    The model holds what it holds in a training step: parameters, AdamW's moments (allocated by
+    a zero step, as `warm_optimizer_state` does for a trial, which also leaves the optimizer
+    step's freed temporaries with the allocator) and, from the backward on, gradients. All of it
+    is the same in every run, so the difference between two runs with different patch counts is
+    the activation memory alone, and what the smaller run holds beyond parameters, gradients,
+    moments and activations is the step's measured fixed overhead.
     """
     torch.manual_seed(0)
     model = build_backbone(backbone, 256).to(device)
+    model.train()
+    warm_optimizer_state(model, torch.optim.AdamW(model.parameters()))
     batch = torch.randn(num_patches, 3, patch_size, patch_size, device=device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -435,9 +444,10 @@ class Calibration:
     """Measured memory behaviour of one backbone on one device, precision and memory format.
 
     ``bytes_per_pixel`` (c) is the training activation memory per input pixel (forward +
-    backward); ``overhead_bytes`` is what one training step costs beyond parameters, gradients and
-    c x pixels: kernel workspaces, autograd bookkeeping, allocator slack. It does not grow with
-    the number of patches, so the analytic model adds it once.
+    backward); ``overhead_bytes`` is what one training step costs beyond parameters, gradients,
+    AdamW's two moments and c x pixels: the optimizer step's freed temporaries the C allocator
+    keeps, kernel workspaces, autograd bookkeeping, allocator slack. It does not grow with the
+    number of patches, so the analytic model adds it once.
     """
 
     bytes_per_pixel: float
@@ -445,9 +455,25 @@ class Calibration:
 
 
 _CALIBRATION: dict[str, Calibration] = {}
-# Patch counts of the two calibration runs: their difference is pure activation memory, and a
-# difference of several patches keeps allocator noise small relative to it.
+# The two calibration runs hold the pixels of (2, 6) patches of 256 px whatever the patch size:
+# their difference (262 k pixels, 100-600 MiB of activations) is what c is read from, and the C
+# allocator's placement noise (tens of MiB either way on a peak) must stay small beside it. A
+# fixed (2, 6) patches made the difference 4x smaller at 128 px than at 256 px, and 16x at 64 px.
+_CALIBRATION_REFERENCE_PATCH = 256
 _CALIBRATION_COUNTS = (2, 6)
+# Stored with every cached calibration; an entry of another method is measured again. 2: patch
+# counts from `calibration_counts`, AdamW state present in the calibration runs.
+_CALIBRATION_METHOD = 2
+
+
+def calibration_counts(patch_size: int) -> tuple[int, int]:
+    """Patch counts of the two calibration runs at `patch_size`: (2, 6) patches' worth of
+    256 px pixels, at least (1, 3) patches for patches larger than that."""
+    if patch_size <= 0:
+        raise ValueError(f"patch size must be positive, got {patch_size}")
+    scale = (_CALIBRATION_REFERENCE_PATCH / patch_size) ** 2
+    small = max(1, round(_CALIBRATION_COUNTS[0] * scale))
+    return small, 3 * small
 
 
 def calibrate_backbone(
@@ -461,25 +487,27 @@ def calibrate_backbone(
 ) -> Calibration:
     """Measure (once) c and the fixed overhead of a training step for `backbone`.
 
-    c is the peak difference between a 2-patch and a 6-patch forward/backward divided by the
-    extra pixels; the overhead is what the 2-patch peak holds beyond parameters, gradients and
-    c x pixels. Cached in memory and, if given, in the JSON `cache_file` (keyed by backbone,
-    device type, precision, memory format and patch size).
+    c is the peak difference between two forward/backward runs over `calibration_counts`
+    patches divided by the extra pixels; the overhead is what the smaller run's peak holds beyond
+    parameters, gradients, AdamW's moments and c x pixels. Cached in memory and, if given, in the
+    JSON `cache_file` (keyed by backbone, device type, precision, memory format and patch size; an
+    entry measured by an earlier method is measured again).
     """
     precision = "bf16" if bf16 else "fp32"
     layout = "cl" if channels_last else "cf"
     key = f"{backbone}|{_device_type(device)}|{precision}|{layout}|{patch_size}"
     if key in _CALIBRATION:
         return _CALIBRATION[key]
-    stored: dict[str, dict[str, float]] = {}
+    counts = calibration_counts(patch_size)
+    stored: dict[str, dict[str, Any]] = {}
     if cache_file is not None and Path(cache_file).is_file():
         stored = json.loads(Path(cache_file).read_text())
-        if key in stored:
-            entry = stored[key]
+        entry = stored.get(key)
+        if entry is not None and entry.get("method") == _CALIBRATION_METHOD:
             _CALIBRATION[key] = Calibration(float(entry["bytes_per_pixel"]), int(entry["overhead_bytes"]))
             return _CALIBRATION[key]
     peaks = []
-    for count in _CALIBRATION_COUNTS:
+    for count in counts:
         result = measure_peak(
             "worker.patchgd.memory:calibration_workload",
             backbone,
@@ -495,15 +523,19 @@ def calibrate_backbone(
         if not result.fits or result.peak_bytes is None:
             raise RuntimeError(f"calibration of {backbone} failed: {result.reason}")
         peaks.append(result.peak_bytes)
-    small, large = _CALIBRATION_COUNTS
+    small, large = counts
     pixels = patch_size * patch_size
     per_pixel = max(peaks[1] - peaks[0], 0) / ((large - small) * pixels)
     params = sum(p.numel() for p in build_backbone(backbone, 256).parameters())
-    overhead = max(0, int(peaks[0] - small * per_pixel * pixels - 2 * FLOAT_BYTES * params))
+    overhead = max(0, int(peaks[0] - small * per_pixel * pixels - ADAM_BYTES_PER_PARAM * params))
     calibration = Calibration(per_pixel, overhead)
     _CALIBRATION[key] = calibration
     if cache_file is not None:
-        stored[key] = dataclasses.asdict(calibration)
+        stored[key] = {
+            **dataclasses.asdict(calibration),
+            "method": _CALIBRATION_METHOD,
+            "counts": list(counts),
+        }
         Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
         Path(cache_file).write_text(json.dumps(stored, indent=2, sort_keys=True))
     return calibration
@@ -589,7 +621,8 @@ def estimate_patchgd_bytes(
 ) -> MemoryEstimate:
     """Predicted peak of one PatchGD training step.
 
-    params + grads + Adam state (16 B/param) + Adam's step temporary (4 B/param) + k*B*c*P^2
+    params + grads + Adam state (16 B/param) + Adam's step temporary for the head (4 B/param;
+    the backbone's is measured in the overhead) + k*B*c*P^2
     activations of the patches re-encoded with gradient + Z (the map, its grad-carrying copy and
     its gradient) + head activations + the image buffer (the whole normalized batch in memory, or
     only the patches in flight when streaming) + the calibrated fixed overhead of a step.
@@ -613,7 +646,7 @@ def estimate_patchgd_bytes(
     pixels_in_flight = batch * k * 3 * p * p
     terms = {
         "params_grads_optimizer": ADAM_BYTES_PER_PARAM * (backbone_params + head_params),
-        "optimizer_workspace": OPTIMIZER_WORKSPACE_BYTES_PER_PARAM * (backbone_params + head_params),
+        "optimizer_workspace": OPTIMIZER_WORKSPACE_BYTES_PER_PARAM * head_params,
         "activations": int(math.ceil(k * batch * bytes_per_pixel * p * p)),
         "latent_map": 3 * z_cells * FLOAT_BYTES,
         "head_activations": head_act,
@@ -631,14 +664,13 @@ def estimate_baseline_bytes(
     image_size: int | None = None,
     overhead_bytes: int = 0,
 ) -> MemoryEstimate:
-    """Predicted peak of one full-image baseline step: params/grads/Adam (+ its step temporary) +
-    B*c*S^2 + the image +
-    the calibrated fixed overhead."""
+    """Predicted peak of one full-image baseline step: params/grads/Adam + B*c*S^2 + the image +
+    the calibrated fixed overhead (which holds Adam's step temporaries, see
+    `OPTIMIZER_WORKSPACE_BYTES_PER_PARAM`)."""
     batch = cfg.batch_size if batch_size is None else batch_size
     s = cfg.image_size if image_size is None else image_size
     terms = {
         "params_grads_optimizer": ADAM_BYTES_PER_PARAM * _baseline_param_count(cfg),
-        "optimizer_workspace": OPTIMIZER_WORKSPACE_BYTES_PER_PARAM * _baseline_param_count(cfg),
         "activations": int(math.ceil(batch * bytes_per_pixel * s * s)),
         "image_buffer": batch * 3 * s * s * FLOAT_BYTES,
         "runtime_overhead": overhead_bytes,
@@ -947,23 +979,144 @@ def calibration_patch_size(cfg: PatchGDConfig | BaselineConfig) -> int:
     return int(min(cfg.image_size, 256))
 
 
+# Stored with every cached step calibration; an entry of another method is measured again.
+_STEP_CALIBRATION_METHOD = 2
+# The largest baseline calibration image: two runs at <= 512 px cost less than one step at the
+# sizes a budget is planned for. The per-pixel cost still falls beyond it (the larger the image,
+# the more of its activations are above glibc's 32 MiB mmap ceiling and returned exactly when
+# freed, instead of sitting in the heap with its slack), so larger baselines are over-predicted
+# (ResNet50 at 896 px by 11%, docs/benchmarks.md).
+_BASELINE_CALIBRATION_MAX = 512
+
+
+def step_calibration_points(cfg: PatchGDConfig | BaselineConfig) -> tuple[Any, Any]:
+    """The two small configurations a step calibration measures for `cfg` (smaller first).
+
+    PatchGD: batch 1, the configured patch size, k from `calibration_counts` (so the pair holds
+    the pixels of (2, 6) patches of 256 px), on the smallest grid that holds two full inner
+    iterations of the larger k (n >= 3; with fewer patches the second iteration, where the
+    step's peak is, would encode only the rest of the sweep), streamed: what differs between the
+    two is the k patches encoded with gradient.
+    Baseline: batch 1 at two sizes (multiples of 32): min(S, 512) (at least 64) and about
+    1/sqrt(3) of it.
+    """
+    if isinstance(cfg, PatchGDConfig):
+        small, large = calibration_counts(int(cfg.patch_size))
+        n = max(3, math.isqrt(2 * large - 1) + 1)
+        return tuple(
+            dataclasses.replace(
+                cfg,
+                batch_size=1,
+                image_size=n * int(cfg.patch_size),
+                patches_per_step=k,
+                sampling=None,
+                inner_iterations=None,
+                accumulation_steps=None,
+            )
+            for k in (small, large)
+        )
+    top = max(64, min(int(cfg.image_size), _BASELINE_CALIBRATION_MAX) // 32 * 32)
+    low = max(32, round(top / math.sqrt(3) / 32) * 32)
+    return tuple(dataclasses.replace(cfg, batch_size=1, image_size=size) for size in (low, top))
+
+
+def calibration_from_peaks(cfg: PatchGDConfig | BaselineConfig, peaks: tuple[int, int]) -> Calibration:
+    """c and the fixed overhead from the measured peaks of `step_calibration_points(cfg)`.
+
+    c is the peak difference over the pixel difference, less the 12 B/px of float input the
+    model counts in its image-buffer term; the overhead is what the smaller run held beyond the
+    model's other terms for it (parameters, gradients, AdamW state, Z, head, input) at that c.
+    It may be negative: a step reuses for its activations memory the allocator kept from the
+    optimizer's warm-up, which a sum of separately counted terms would count twice.
+    """
+    first, second = step_calibration_points(cfg)
+    input_bytes_per_pixel = 3 * FLOAT_BYTES
+    if isinstance(cfg, PatchGDConfig):
+        pixels = (second.k - first.k) * cfg.patch_size**2
+        per_pixel = max(peaks[1] - peaks[0], 0) / pixels - input_bytes_per_pixel
+        per_pixel = max(per_pixel, 0.0)
+        fixed = estimate_patchgd_bytes(first, bytes_per_pixel=per_pixel, streaming=True)
+    else:
+        pixels = second.image_size**2 - first.image_size**2
+        per_pixel = max(max(peaks[1] - peaks[0], 0) / pixels - input_bytes_per_pixel, 0.0)
+        fixed = estimate_baseline_bytes(first, bytes_per_pixel=per_pixel)
+    return Calibration(per_pixel, int(peaks[0] - fixed.total_bytes))
+
+
+def calibrate_step(
+    cfg: PatchGDConfig | BaselineConfig,
+    device: str = "cpu",
+    *,
+    cache_file: str | os.PathLike[str] | None = None,
+) -> Calibration:
+    """Measure (once) c and the fixed overhead of a training step like `cfg`'s: the planner's own
+    trial (`patchgd_trial` streamed, or `baseline_trial`) at the two `step_calibration_points`.
+
+    Unlike `calibrate_backbone` (a bare forward/backward of the backbone), the runs hold all a
+    step holds (AdamW state from a real step, the fill pass, Z, the head, two inner iterations)
+    and are measured the way the planner's verification is; the model is linear in the pixels
+    encoded with gradient only over a limited range (the C allocator reuses what the optimizer's
+    warm-up freed), so calibrating at the configured patch size and a k near the usual ones
+    keeps its prediction close. Cached in memory and, if given, in the JSON `cache_file`, keyed
+    by algorithm, backbone, device type, precision, memory format and size.
+    """
+    dev_type = _device_type(device)
+    algorithm = "patchgd" if isinstance(cfg, PatchGDConfig) else "baseline"
+    first, second = step_calibration_points(cfg)
+    size = cfg.patch_size if isinstance(cfg, PatchGDConfig) else second.image_size
+    precision = "bf16" if cfg.use_bf16(dev_type) else "fp32"
+    layout = "cl" if cfg.use_channels_last(dev_type) else "cf"
+    key = f"{algorithm}:{cfg.backbone}|{dev_type}|{precision}|{layout}|{size}"
+    if key in _CALIBRATION:
+        return _CALIBRATION[key]
+    stored: dict[str, dict[str, Any]] = {}
+    if cache_file is not None and Path(cache_file).is_file():
+        stored = json.loads(Path(cache_file).read_text())
+        entry = stored.get(key)
+        if entry is not None and entry.get("method") == _STEP_CALIBRATION_METHOD:
+            _CALIBRATION[key] = Calibration(float(entry["bytes_per_pixel"]), int(entry["overhead_bytes"]))
+            return _CALIBRATION[key]
+    peaks = []
+    for point in (first, second):
+        if algorithm == "patchgd":
+            result = measure_peak(
+                patchgd_trial,
+                point.to_dict(),
+                device,
+                TRIAL_INNER_ITERATIONS,
+                None,
+                True,
+                device=device,
+                timeout_s=900,
+            )
+        else:
+            result = measure_peak(baseline_trial, point.to_dict(), device, device=device, timeout_s=900)
+        if not result.fits or result.peak_bytes is None:
+            raise RuntimeError(f"calibration of {cfg.backbone} failed: {result.reason}")
+        peaks.append(result.peak_bytes)
+    calibration = calibration_from_peaks(cfg, (peaks[0], peaks[1]))
+    _CALIBRATION[key] = calibration
+    if cache_file is not None:
+        stored[key] = {
+            **dataclasses.asdict(calibration),
+            "method": _STEP_CALIBRATION_METHOD,
+            "peaks": peaks,
+        }
+        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(cache_file).write_text(json.dumps(stored, indent=2, sort_keys=True))
+    return calibration
+
+
 def _model_terms(
     cfg: PatchGDConfig | BaselineConfig,
     device: str,
     calibration: Calibration | None,
     cache_file: str | os.PathLike[str] | None,
 ) -> dict[str, float]:
-    """The calibrated terms of the analytic model (measured, and cached, when not given)."""
+    """The calibrated terms of the analytic model (measured by `calibrate_step`, and cached, when
+    not given)."""
     if calibration is None:
-        dev_type = _device_type(device)
-        calibration = calibrate_backbone(
-            cfg.backbone,
-            device=device,
-            bf16=cfg.use_bf16(dev_type),
-            channels_last=cfg.use_channels_last(dev_type),
-            patch_size=calibration_patch_size(cfg),
-            cache_file=cache_file,
-        )
+        calibration = calibrate_step(cfg, device, cache_file=cache_file)
     return {"bytes_per_pixel": calibration.bytes_per_pixel, "overhead_bytes": calibration.overhead_bytes}
 
 
