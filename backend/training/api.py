@@ -119,10 +119,12 @@ def request_plan(
 def read_plan(
     token: Annotated[str, Path(max_length=64)], user: CurrentUser, settings: SettingsDep
 ) -> PlanStatus:
-    """A plan you requested: `planning`, or `done` with the worker's report."""
+    """A plan you requested: `planning`, `done` with the worker's report, or `failed` with why."""
     report = service.read_plan(settings, user, token)
     if report is None:
         return PlanStatus(token=token, status="planning")
+    if report.get("error"):
+        return PlanStatus(token=token, status="failed", error=str(report["error"]))
     return PlanStatus(token=token, status="done", report=report, summary=plan_sentence(report))
 
 

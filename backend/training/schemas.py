@@ -249,6 +249,7 @@ class PlanRequest(BaseModel):
 
 class PlanStatus(BaseModel):
     """A plan: ``planning`` until a worker made it, then ``done`` with its ``report`` and ``summary``
+    (or ``failed`` with ``error`` when it could not be made)
     (the plan in one sentence). The report holds, for ``algorithm``, ``fits``, ``batch_size``,
     ``patches_per_step``, ``image_size``, ``requested`` (the settings as given) and
     ``requested_bytes`` (their predicted peak), predicted and measured bytes and ``reason``; and the
@@ -256,9 +257,11 @@ class PlanStatus(BaseModel):
     ``plan_token``."""
 
     token: str
-    status: Literal["planning", "done"]
+    status: Literal["planning", "done", "failed"]
     report: dict[str, Any] | None = None
     summary: str | None = None
+    #: Why the plan could not be made (``failed``).
+    error: str | None = None
 
 
 class PredictionRead(BaseModel):

@@ -16,12 +16,12 @@ from typing import Annotated, Any
 
 import psutil
 from fastapi import APIRouter, Depends, Form, Path, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import FileResponse, RedirectResponse, Response
 
 from backend.backbones import service as backbones
 from backend.datasets import service as datasets
 from backend.deps import CurrentUser, RowId, SessionDep, SettingsDep
-from backend.errors import AppError
+from backend.errors import AppError, NotFound
 from backend.models import DatasetStatus, TaskMetric, TaskStatus
 from backend.training import plans, predictions, service
 from backend.training.schemas import EvaluationRead, PredictionRead, TaskRead
@@ -380,6 +380,8 @@ def plan_panel(
     report = service.read_plan(settings, user, token)
     if report is None:
         return _plan_panel(request, {"token": token, "report": None})
+    if report.get("error"):
+        return _plan_panel(request, {"plan_errors": [str(report["error"])]})
     return _plan_panel(request, _plan_context(report, token))
 
 
@@ -449,6 +451,33 @@ def task_status(request: Request, task_id: RowId, user: CurrentUser, session: Se
     )
     headers = {} if context["active_run"] else {"HX-Refresh": "true"}
     return render(request, "training/status.html", context, headers=headers)
+
+
+#: Names shown for the download formats.
+FORMAT_NAMES = {"safetensors": "safetensors", "torchscript": "TorchScript", "onnx": "ONNX"}
+
+
+@router.get("/tasks/{task_id:row_id}/download/{fmt}")
+def download_page(
+    request: Request, task_id: RowId, fmt: str, user: CurrentUser, session: SessionDep, settings: SettingsDep
+) -> Response:
+    """The model file from the task's page. A TorchScript or ONNX export a worker is still making
+    sends the browser back to the page with a note to try again in a moment."""
+    if fmt not in FORMAT_NAMES:
+        raise NotFound(f"Unknown format {fmt!r}.")
+    path = service.model_file(session, settings, user, task_id, fmt)
+    if path is None:
+        response = RedirectResponse(f"/tasks/{task_id}#downloads", status_code=303)
+        flash(
+            response,
+            request,
+            "warning",
+            f"A worker is exporting the {FORMAT_NAMES[fmt]} model; download it again in a few seconds.",
+        )
+        return response
+    return FileResponse(
+        path, media_type=service.EXPORT_MEDIA_TYPES[fmt], filename=f"task-{task_id}-{path.name}"
+    )
 
 
 def _action(request: Request, task_id: int, text: str, target: str | None = None) -> Response:

@@ -250,3 +250,37 @@ def test_the_api_accepts_a_plan_by_its_token(settings, client, make_user, bearer
     assert plan["accepted"] == "baseline" and plan["token"] == token
     assert plan["matches"] is (baseline["batch_size"] == 4 and baseline["image_size"] == 64)
     assert created.json()["memory_budget_gib"] == 2.0  # the plan's budget
+
+
+def test_a_plan_that_cannot_be_made_says_why_instead_of_planning_for_ever(
+    settings, client, make_user, bearer
+):
+    user = make_user()
+    auth = bearer(client, user)
+    body = {
+        "dataset_id": ready_dataset(settings, client, auth),
+        "backbone_id": builtin_backbone(settings),
+        "algorithm": "patchgd",
+        "hyperparameters": dict(TINY_PATCHGD),
+        "memory_budget_gib": 2,
+    }
+    token = client.post("/api/v1/tasks/plan", json=body, headers=auth).json()["token"]
+    # What the worker is given when the settings cannot be planned: 64 px images, 48 px patches.
+    broken = {"patchgd": dict(TINY_PATCHGD, patch_size=48, num_classes=2, backbone="resnet18")}
+    with pytest.raises(Exception, match="48"):
+        make_plan(settings, token, broken, 2.0, verify=False)
+    failed = client.get(f"/api/v1/tasks/plan/{token}", headers=auth).json()
+    assert failed["status"] == "failed" and "48" in failed["error"]
+    panel = client.get(f"/tasks/new/plan/{token}", headers=auth)
+    assert 'id="plan-errors"' in panel.text and "every 1s" not in panel.text
+
+
+def test_baseline_calibration_points_keep_every_batchnorm_above_one_value():
+    """A batch of 1 at 32 px leaves resnets a 1×1 map, which BatchNorm refuses in training; the
+    smaller calibration point is at least 64 px even for small images."""
+    from worker.patchgd.config import BaselineConfig
+    from worker.patchgd.memory import step_calibration_points
+
+    for size in (32, 64, 96, 128, 4096):
+        low, high = step_calibration_points(BaselineConfig(image_size=size, num_classes=2))
+        assert 64 <= low.image_size < high.image_size and low.batch_size == high.batch_size == 1

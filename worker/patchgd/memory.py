@@ -997,8 +997,8 @@ def step_calibration_points(cfg: PatchGDConfig | BaselineConfig) -> tuple[Any, A
     iterations of the larger k (n >= 3; with fewer patches the second iteration, where the
     step's peak is, would encode only the rest of the sweep), streamed: what differs between the
     two is the k patches encoded with gradient.
-    Baseline: batch 1 at two sizes (multiples of 32): min(S, 512) (at least 64) and about
-    1/sqrt(3) of it.
+    Baseline: batch 1 at two sizes (multiples of 32): min(S, 512) (at least 128) and about
+    1/sqrt(3) of it (at least 64).
     """
     if isinstance(cfg, PatchGDConfig):
         small, large = calibration_counts(int(cfg.patch_size))
@@ -1015,8 +1015,10 @@ def step_calibration_points(cfg: PatchGDConfig | BaselineConfig) -> tuple[Any, A
             )
             for k in (small, large)
         )
-    top = max(64, min(int(cfg.image_size), _BASELINE_CALIBRATION_MAX) // 32 * 32)
-    low = max(32, round(top / math.sqrt(3) / 32) * 32)
+    # At least 64 px: a backbone's last BatchNorm must see more than one value per channel in a
+    # batch of 1 (resnets reduce 32 px to 1×1), so the smaller point is 64 px and the larger 128.
+    top = max(128, min(int(cfg.image_size), _BASELINE_CALIBRATION_MAX) // 32 * 32)
+    low = max(64, round(top / math.sqrt(3) / 32) * 32)
     return tuple(dataclasses.replace(cfg, batch_size=1, image_size=size) for size in (low, top))
 
 

@@ -127,25 +127,33 @@ def make_plan(
     verify: bool = True,
     primary: str | None = None,
 ) -> dict[str, Any]:
-    """The body of ``memory.plan`` (see :func:`plan_memory`) for explicit settings."""
+    """The body of ``memory.plan`` (see :func:`plan_memory`) for explicit settings.
+
+    A plan that cannot be made (a calibration that fails on these settings, say) is written as
+    ``{token, error}``, so whoever waits for it sees why instead of waiting for ever."""
     import torch
 
     started = time.monotonic()
     path = plan_report_path(settings.data_dir, token)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache_file = settings.data_dir / CALIBRATION_FILE
-    plans = {
-        algorithm: plan_one(
-            algorithm,
-            config,
-            budget_gib,
-            device,
-            streamed=streamed and algorithm == "patchgd",
-            verify=verify,
-            cache_file=cache_file,
-        )
-        for algorithm, config in configs.items()
-    }
+    try:
+        plans = {
+            algorithm: plan_one(
+                algorithm,
+                config,
+                budget_gib,
+                device,
+                streamed=streamed and algorithm == "patchgd",
+                verify=verify,
+                cache_file=cache_file,
+            )
+            for algorithm, config in configs.items()
+        }
+    except Exception as exc:
+        logger.exception("plan %s failed", token)
+        _write_report(path, {"token": token, "device": device, "error": f"The plan could not be made: {exc}"})
+        raise
     first = primary if primary in plans else next(iter(plans))
     report: dict[str, Any] = {
         **plans[first],
@@ -156,11 +164,15 @@ def make_plan(
         "algorithms": plans,
         "seconds": round(time.monotonic() - started, 3),
     }
+    _write_report(path, report)
+    return report
+
+
+def _write_report(path: Path, report: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".tmp")
     partial.write_text(json.dumps(report), encoding="utf-8")
     os.replace(partial, path)
-    return report
 
 
 # --------------------------------------------------------------------------- training runs
