@@ -132,6 +132,8 @@ def test_plan_create_watch_download_and_predict_in_the_browser(served: Served, t
                 "data-status", "succeeded", timeout=RUN_TIMEOUT_S * 1000
             )
             expect(page.locator("#task-charts")).to_have_attribute("data-drawn-epochs", "2", timeout=15_000)
+            expect(page.locator("#epoch-rows tr")).to_have_count(2)
+            expect(page.locator("#event-log li[data-kind=finished]")).to_have_count(1)
             expect(page.locator("#final-metrics")).to_be_visible()
 
             # 7. Download the model: real safetensors weights.
