@@ -225,7 +225,7 @@ def test_a_plan_is_requested_with_checked_settings_and_read_back_by_its_owner_on
     assert asked.status_code == 202, asked.text
     token = asked.json()["token"]
     pending = client.get(f"/api/v1/tasks/plan/{token}", headers=setup["auth"]).json()
-    assert pending == {"token": token, "status": "planning", "report": None, "summary": None}
+    assert pending == {"token": token, "status": "planning", "report": None, "summary": None, "error": None}
     other = bearer(client, make_user())
     assert client.get(f"/api/v1/tasks/plan/{token}", headers=other).status_code == 404
     assert client.get("/api/v1/tasks/plan/..%2Fsecret", headers=setup["auth"]).status_code == 404
