@@ -149,7 +149,7 @@ def test_step_calibration_points() -> None:
             # Both measured inner iterations encode k patches: the grid holds two of the larger k.
             assert point.grid.num_patches >= 2 * second.k and point.grid.n >= 3
             assert point.is_exact  # a full sweep: the defaults the planner's trials use
-    for size, expected in ((2048, (288, 512)), (928, (288, 512)), (200, (96, 192)), (32, (32, 64))):
+    for size, expected in ((2048, (288, 512)), (928, (288, 512)), (200, (96, 192)), (32, (64, 128))):
         base = BaselineConfig(num_classes=3, backbone="resnet18", image_size=size, batch_size=2)
         points = step_calibration_points(base)
         assert tuple(p.image_size for p in points) == expected
