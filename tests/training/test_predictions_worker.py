@@ -8,10 +8,9 @@ is set, else a SQLite file of the test's own.
 
 from __future__ import annotations
 
-import re
-
 import io
 import os
+import re
 import time
 from pathlib import Path
 
