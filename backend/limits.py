@@ -41,9 +41,9 @@ def freeze_startup_heap() -> int:
 
     A started web process holds about 140,000 tracked objects that live as long as it does. A full
     (oldest-generation) collection walks all of them, which takes tens of milliseconds on a busy
-    core, and the interpreter holds every request while it runs: measured, this was the slowest
-    percent of requests under a polling load (docs/benchmarks.md, section 5). Call once, after
-    start-up work is done; garbage made before the call is collected first.
+    core (measured: about 750 ms on the loaded 2-core machine), and the interpreter holds every
+    request while it runs (docs/benchmarks.md, section 5). Call once, after start-up work is done;
+    garbage made before the call is collected first.
     """
     gc.collect()
     gc.freeze()

@@ -30,7 +30,6 @@ from backend.errors import AppError, Conflict, Invalid, NotFound
 from backend.models import (
     PREDICTION_FILENAME_MAX_LENGTH,
     Dataset,
-    DatasetStatus,
     Evaluation,
     JobStatus,
     Prediction,
@@ -40,7 +39,7 @@ from backend.models import (
 )
 from backend.models.base import utcnow
 from backend.queue import EVALUATIONS_RUN, PREDICTIONS_RUN, enqueue_after_commit
-from backend.training.service import get_task, task_dir
+from backend.training.service import get_task, ready_dataset, task_dir
 
 PREDICTIONS_DIR = "predictions"
 INCOMING_DIR = "incoming"
@@ -192,13 +191,7 @@ def create_evaluation(
     """Record a queued evaluation of the task's model on one of the user's ready datasets with
     the same class names, and send the job after the commit."""
     task = succeeded_task(session, user, task_id)
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None or dataset.owner_id != user.id or dataset.delete_requested:
-        raise NotFound("No such dataset.")
-    if dataset.status != DatasetStatus.READY:
-        raise Conflict(
-            f"Dataset {dataset.name!r} is {dataset.status.value}: only a ready dataset can be used."
-        )
+    dataset = ready_dataset(session, user, dataset_id, use="used")
     ours = task_classes(session, task)
     theirs = [str(c) for c in (dataset.summary or {}).get("classes", [])]
     if sorted(ours) != sorted(theirs):

@@ -156,13 +156,15 @@ def validate_hyperparameters(
     return result
 
 
-def _ready_dataset(session: Session, user: User, dataset_id: int) -> Dataset:
+def ready_dataset(session: Session, user: User, dataset_id: int, *, use: str = "trained on") -> Dataset:
+    """The user's dataset ``dataset_id`` if it is ready: 404 for anyone else's (or one being
+    deleted), 409 naming its status otherwise (``use`` completes "only a ready dataset can be …")."""
     dataset = session.get(Dataset, dataset_id)
     if dataset is None or dataset.owner_id != user.id or dataset.delete_requested:
         raise NotFound("No such dataset.")
     if dataset.status != DatasetStatus.READY:
         raise Conflict(
-            f"Dataset {dataset.name!r} is {dataset.status.value}: only a ready dataset can be trained on."
+            f"Dataset {dataset.name!r} is {dataset.status.value}: only a ready dataset can be {use}."
         )
     return dataset
 
@@ -194,7 +196,7 @@ def create_task(
     """Record a queued task and send ``training.train`` after the commit. With ``plan_token`` the
     task keeps that plan (of its algorithm) as ``task.plan``, and the plan's budget when none is given."""
     name = clean_name(name)
-    dataset = _ready_dataset(session, user, dataset_id)
+    dataset = ready_dataset(session, user, dataset_id)
     backbone = _ready_backbone(session, user, backbone_id)
     num_classes = int(dataset.num_classes or len((dataset.summary or {}).get("classes", [])))
     config = validate_hyperparameters(
@@ -956,7 +958,7 @@ def plan_configs(
     algorithms: Sequence[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The engine config of each algorithm to plan (see :func:`request_plan`), checked like a task's."""
-    dataset = _ready_dataset(session, user, dataset_id)
+    dataset = ready_dataset(session, user, dataset_id)
     backbone = _ready_backbone(session, user, backbone_id)
     num_classes = int(dataset.num_classes or len((dataset.summary or {}).get("classes", [])))
     config = validate_hyperparameters(

@@ -153,10 +153,7 @@ def _context(
         best=service.best_metrics(session, task, metrics),
         coverage=coverage,
     )
-    if after_event is None:
-        events = service.list_events(session, task, limit=EVENTS_SHOWN)
-    else:
-        events = service.list_events(session, task, after=after_event, limit=EVENTS_SHOWN)
+    events = service.list_events(session, task, after=after_event or 0, limit=EVENTS_SHOWN)
     last_event = events[-1].id if events else (after_event or 0)
     return {
         "task": view,
