@@ -7,6 +7,11 @@ same chunks of k, with nothing else (no latent map, head, loss per chunk or opti
 The ratio step / ideal is the overhead of the PatchGD bookkeeping; images/s and patches/s are
 reported too. Timings are medians over `--repeats` after one warm-up.
 
+Next to it, the plain full-image baseline's training step on the same images (same backbone,
+size, batch and precision): ``pixels_per_s`` for both, the throughput a user compares. A baseline
+that does not fit the device is reported as ``"oom"``. ``--channels-last on|off|auto`` sets the
+memory format of both (``auto``: on CUDA only).
+
     python -m bench.throughput                               # the CPU runs behind docs/benchmarks.md
     python -m bench.throughput --configs resnet18:512:128:4:1 --repeats 1 --name quick
 """
@@ -21,10 +26,12 @@ from typing import Any
 import torch
 
 from bench.common import RESULTS, machine, print_table, write_json
-from worker.patchgd.config import PatchGDConfig
+from worker.patchgd.config import BaselineConfig, PatchGDConfig
 from worker.patchgd.grid import TensorPatchSource
-from worker.patchgd.models import build_patchgd_model
-from worker.patchgd.train import autocast_context, build_optimizer, patchgd_step
+from worker.patchgd.models import build_baseline_model, build_patchgd_model
+from worker.patchgd.train import autocast_context, baseline_step, build_optimizer, patchgd_step
+
+CHANNELS_LAST = {"auto": "auto", "on": True, "off": False}
 
 
 def _sync(device: torch.device) -> None:
@@ -55,8 +62,49 @@ def ideal_pass(model: Any, source: TensorPatchSource, cfg: PatchGDConfig, device
     return time.perf_counter() - started
 
 
-def measure(spec: str, device: torch.device, repeats: int, precision: str) -> dict[str, Any]:
-    """Time PatchGD steps and the ideal passes for one `backbone:size:patch:k:batch` spec."""
+def baseline_seconds(
+    cfg: PatchGDConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device, repeats: int
+) -> float | str:
+    """Median seconds of the full-image baseline's training step on the same images ("oom" if too big)."""
+    base = BaselineConfig(
+        num_classes=cfg.num_classes,
+        backbone=cfg.backbone,
+        image_size=cfg.image_size,
+        batch_size=cfg.batch_size,
+        precision=cfg.precision,
+        channels_last=cfg.channels_last,
+    )
+    model = build_baseline_model(base, load_pretrained=False).to(device)
+    if base.use_channels_last(device.type):
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = build_optimizer(model, base)
+    times = []
+    try:
+        for attempt in range(repeats + 1):
+            _sync(device)
+            stats = baseline_step(model, optimizer, images, labels, base)
+            _sync(device)
+            if attempt:
+                times.append(stats.seconds)
+    except torch.OutOfMemoryError:
+        return "oom"
+    finally:
+        del model, optimizer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
+def measure(
+    spec: str,
+    device: torch.device,
+    repeats: int,
+    precision: str,
+    channels_last: str = "auto",
+    with_baseline: bool = True,
+) -> dict[str, Any]:
+    """Time PatchGD steps, the ideal passes and the baseline for one `backbone:size:patch:k:batch` spec."""
     backbone, size, patch, k, batch = spec.split(":")
     cfg = PatchGDConfig(
         num_classes=4,
@@ -66,10 +114,13 @@ def measure(spec: str, device: torch.device, repeats: int, precision: str) -> di
         patches_per_step=int(k),
         batch_size=int(batch),
         precision=precision,
+        channels_last=CHANNELS_LAST[channels_last],
     )
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = build_patchgd_model(cfg, load_pretrained=False).to(device)
+    if cfg.use_channels_last(device.type):
+        model = model.to(memory_format=torch.channels_last)
     model.train()
     optimizer = build_optimizer(model, cfg)
     images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=generator).to(device)
@@ -86,6 +137,9 @@ def measure(spec: str, device: torch.device, repeats: int, precision: str) -> di
             ideals.append(ideal)
             encoded = stats.num_patches_encoded
     step_s, ideal_s = statistics.median(steps), statistics.median(ideals)
+    del model, optimizer
+    base_s = baseline_seconds(cfg, images, labels, device, repeats) if with_baseline else None
+    pixels = cfg.batch_size * cfg.image_size**2
     return {
         "config": spec,
         "backbone": backbone,
@@ -96,11 +150,15 @@ def measure(spec: str, device: torch.device, repeats: int, precision: str) -> di
         "grid": cfg.grid.n,
         "inner_iterations": cfg.num_inner_iterations,
         "precision": precision,
+        "channels_last": cfg.use_channels_last(device.type),
         "step_s": round(step_s, 4),
         "ideal_s": round(ideal_s, 4),
         "ratio": round(step_s / ideal_s, 3),
         "images_per_s": round(cfg.batch_size / step_s, 3),
         "patches_per_s": round(encoded / step_s, 1),
+        "pixels_per_s": round(pixels / step_s),
+        "baseline_step_s": round(base_s, 4) if isinstance(base_s, float) else base_s,
+        "baseline_pixels_per_s": round(pixels / base_s) if isinstance(base_s, float) else None,
         "step_s_all": [round(s, 4) for s in steps],
         "ideal_s_all": [round(s, 4) for s in ideals],
     }
@@ -153,6 +211,10 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
+    parser.add_argument(
+        "--channels-last", dest="channels_last", default="auto", choices=sorted(CHANNELS_LAST)
+    )
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the baseline step")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--name", default="throughput_cpu")
     args = parser.parse_args()
@@ -163,9 +225,12 @@ def main() -> None:
     device = torch.device(args.device)
     rows = []
     for spec in args.configs.split(","):
-        row = measure(spec, device, args.repeats, args.precision)
+        row = measure(spec, device, args.repeats, args.precision, args.channels_last, args.baseline)
         rows.append(row)
-        print_table([row], ["config", "step_s", "ideal_s", "ratio", "images_per_s", "patches_per_s"])
+        print_table(
+            [row],
+            ["config", "step_s", "ideal_s", "ratio", "images_per_s", "pixels_per_s", "baseline_pixels_per_s"],
+        )
     payload = {
         "benchmark": "throughput",
         "machine": machine(args.device),

@@ -92,6 +92,24 @@ def test_full_sweep_accumulation_equals_full_image_gradient(changes: dict) -> No
     assert recorder.total[names["backbone.trunk.conv1.weight"]].abs().sum() > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_full_sweep_gradient_is_exact_on_cuda() -> None:
+    """The same exactness on the GPU: patches, latent map and accumulation all on CUDA (float64)."""
+    cfg = _tiny_cfg(head="pooled")
+    model, images, labels = _float64_problem(cfg)
+    model, images, labels = model.cuda(), images.cuda(), labels.cuda()
+    expected = _full_image_gradients(model, images, labels)
+    recorder = GradientRecorder(model.parameters())
+    patchgd_step(model, recorder, TensorPatchSource(images, model.grid), labels, cfg)
+    names = dict(model.named_parameters())
+    for name, grad in expected.items():
+        got = recorder.total[names[name]]
+        assert got.is_cuda
+        assert torch.allclose(got, grad, rtol=1e-9, atol=1e-12), name
+    assert recorder.total[names["backbone.trunk.conv1.weight"]].abs().sum() > 0
+
+
 def test_stale_regime_is_the_reference_one_and_differs_from_exact() -> None:
     cfg = _tiny_cfg(accumulation_steps=1)
     model, images, labels = _float64_problem(cfg)

@@ -36,6 +36,7 @@ def test_the_measured_peak_is_reported_against_the_budget():
     assert TaskMemory.of(_task(1.0, 0, None)).within_budget is None  # nothing measured yet
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_the_allocator_is_capped_at_the_budget_and_lifted_for_the_next_task():
     device = torch.device("cuda")
