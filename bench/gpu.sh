@@ -64,7 +64,7 @@ part accuracy 330 "$PY" -m bench.accuracy --device cuda --sizes 256 512 --train 
 ACCURACY=$!
 
 (
-  part planner 150 "$PY" -m bench.planner --device cuda --precision bf16 --name gpu_planner \
+  part planner 140 "$PY" -m bench.planner --device cuda --precision bf16 --name gpu_planner \
     --scenario patchgd:resnet18:512:128:8:1:16 \
     --scenario patchgd:resnet50:2048:256:8:1:16 \
     --scenario patchgd-streamed:resnet50:8192:256:8:1:16 \
@@ -72,7 +72,7 @@ ACCURACY=$!
     --scenario patchgd:mobilenet_v3_small:2048:256:8:1:16 \
     --scenario baseline:resnet50:1024:1:16 \
     --scenario patchgd:resnet50:4096:256:32:1:4
-  part memory 210 "$PY" -m bench.memory --device cuda --precision bf16 \
+  part memory 180 "$PY" -m bench.memory --device cuda --precision bf16 \
     --backbones resnet50 --sizes 1024,4096,8192 --stream-sizes 16384 \
     --baseline-sizes 1024,2048,4096,8192 \
     --patch 256 --k 16 --inner 2 --guard-gib "$GUARD_GIB" --timeout 120 --name gpu_memory
@@ -83,7 +83,7 @@ wait $TESTS $ACCURACY $MEMORY
 
 for precision in fp32 bf16; do
   for layout in off on; do
-    part "throughput_${precision}_cl_${layout}" 75 "$PY" -m bench.throughput --device cuda \
+    part "throughput_${precision}_cl_${layout}" 60 "$PY" -m bench.throughput --device cuda \
       --precision "$precision" --channels-last "$layout" --repeats 3 \
       --configs resnet50:2048:256:16:4,resnet18:1024:128:16:8 \
       --name "gpu_throughput_${precision}_cl_${layout}"
