@@ -220,7 +220,10 @@ def test_patchgd_and_baseline_succeed_and_a_cancel_ends_a_run(fast_settings, pro
     wait_until(processes, "the cancel", lambda: status_of(api, long["id"]) == "cancelled", timeout=30)
     assert time.monotonic() - asked < 30
     kinds = [e["kind"] for e in api.get(f"/{long['id']}/events")]
-    assert kinds[0] == "claimed" and kinds[-3:] == ["cancel_requested", "cancel_seen", "finished"], kinds
+    assert kinds[0] == "claimed" and kinds[-2:] == ["cancel_seen", "finished"], kinds
+    # Logged when asked; on a fast device (seen on a GPU) an epoch can end before the worker sees it.
+    assert kinds.index("cancel_requested") < kinds.index("cancel_seen"), kinds
+    assert api.get(f"/{long['id']}")["progress"]["fraction"] < 1.0  # stopped, not run to its end
     assert worker.poll() is None
 
 

@@ -175,6 +175,9 @@ def _run_measured(
     """Run `fn` and return (status, peak delta, baseline, reason, result) without raising."""
     try:
         if device.startswith("cuda"):
+            # In-process on CUDA: an earlier trial's model and optimizer, if only a reference cycle
+            # keeps them, would count in the baseline and be freed mid-run, hiding growth.
+            gc.collect()
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -208,6 +211,7 @@ def _run_measured(
         return "error", None, None, f"{type(exc).__name__}: {exc}", None
     finally:
         if device.startswith("cuda"):
+            gc.collect()
             torch.cuda.empty_cache()
 
 
