@@ -75,13 +75,16 @@ def write_pyramidal_tiff(
     levels: int | None = None,
     tile_fn: Callable[[int, int, int, int, int], np.ndarray] = synthetic_region,
     compression: str | None = "zlib",
+    mpp: float | None = None,
 ) -> Path:
     """Write a tiled pyramidal RGB TIFF tile by tile, so memory stays flat at any size.
 
     Level L is 2**L times smaller than level 0 and is stored as a reduced-resolution page
     (SubfileType 1), which both tifffile and OpenSlide's generic TIFF reader understand.
     `tile_fn(downsample, x, y, w, h)` produces each tile (default: `synthetic_region`). Without
-    `levels`, halves the image while it stays >= one tile (at most 7 levels).
+    `levels`, halves the image while it stays >= one tile (at most 7 levels). `mpp` (µm per pixel
+    of level 0) writes resolution tags in pixels per centimetre on every level (scaled by its
+    downsample).
     """
     width, height = (size, size) if isinstance(size, int) else size
     if tile % 16:
@@ -108,6 +111,9 @@ def write_pyramidal_tiff(
         for level in range(levels):
             downsample = 1 << level
             lw, lh = max(1, width // downsample), max(1, height // downsample)
+            if mpp is not None:
+                per_cm = 10000 / (mpp * downsample)
+                extra = {**extra, "resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
             writer.write(
                 tiles(downsample, lw, lh),
                 shape=(lh, lw, 3),
