@@ -22,13 +22,7 @@ from worker.patchgd.data import (
     make_loaders,
 )
 from worker.patchgd.errors import ConfigError, ImageError
-from worker.patchgd.testing import write_pyramidal_tiff
-
-
-def level_colour(downsample: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-    """Every pixel of level log2(downsample) is 10 * (level + 1)."""
-    level = downsample.bit_length() - 1
-    return np.full((h, w, 3), 10 * (level + 1), np.uint8)
+from worker.patchgd.testing import level_colour, synthetic_region, write_pyramidal_tiff
 
 
 def coloured_tiff(path: Path, size: int = 256) -> Path:
@@ -47,8 +41,6 @@ def test_level_is_read_and_resized(tmp_path: Path, level: int) -> None:
 def test_level_at_the_training_size_is_not_resampled(tmp_path: Path) -> None:
     # Level 1 of a 256² pyramid is 128²: at image_size 128 the pixels are that level's, one for one.
     path = write_pyramidal_tiff(tmp_path / "blocks.tif", 256, tile=64)
-    from worker.patchgd.testing import synthetic_region
-
     assert np.array_equal(load_level_resized(path, 1, 128), synthetic_region(2, 0, 0, 128, 128))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-__all__ = ["SYNTHETIC_BLOCK", "allocate_and_touch", "synthetic_region", "write_pyramidal_tiff"]
+__all__ = ["SYNTHETIC_BLOCK", "allocate_and_touch", "level_colour", "synthetic_region", "write_pyramidal_tiff"]
 
 
 def allocate_and_touch(num_bytes: int, hold_s: float = 0.05) -> int:
@@ -65,6 +65,13 @@ def synthetic_region(downsample: int, x: int, y: int, w: int, h: int) -> np.ndar
     cols = np.arange(x, x + w) // block - x // block
     rows = np.arange(y, y + h) // block - y // block
     return colours.take(cols, axis=1).take(rows, axis=0)
+
+
+def level_colour(downsample: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+    """A `tile_fn` for `write_pyramidal_tiff` that paints level L (downsample 2**L) the constant
+    grey 10 * (L + 1): whatever is read from a level says which level it was."""
+    level = downsample.bit_length() - 1
+    return np.full((h, w, 3), 10 * (level + 1), np.uint8)
 
 
 def write_pyramidal_tiff(
