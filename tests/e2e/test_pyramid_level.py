@@ -58,22 +58,28 @@ def test_the_level_select_follows_the_dataset_level_and_size(served: Served, tmp
 
             page.goto(f"{served.url}/tasks/new")
             slides = page.locator("#dataset_id option", has_text="slides").get_attribute("value")
-            page.select_option("#dataset_id", value=slides)
+
+            def swapped(action) -> None:  # noqa: ANN001
+                """Do `action` and wait for the level control it asks for (one swap at a time)."""
+                with page.expect_response(lambda r: "/tasks/new/levels" in r.url):
+                    action()
+
+            swapped(lambda: page.select_option("#dataset_id", value=slides))
             levels = page.locator("#pyramid_level option")
             expect(levels).to_have_count(3, timeout=15_000)
             expect(levels.nth(2)).to_have_text("Level 2 · 64×64 px · 2.00 µm/px")
             effect = page.locator("#level-effect")
             # At the default 512 px, level 0 (256², 0.5 µm/px) is enlarged.
             expect(effect).to_contain_text("Level 0: 256×256 px at 0.50 µm/px → resized to 512×512 px")
-            page.select_option("#pyramid_level", value="1")
+            swapped(lambda: page.select_option("#pyramid_level", value="1"))
             expect(effect).to_contain_text("Level 1: 128×128 px at 1.00 µm/px", timeout=15_000)
             page.fill("#image_size", "64")
-            page.locator("#image_size").blur()
+            swapped(lambda: page.locator("#image_size").blur())
             expect(effect).to_contain_text("resized to 64×64 px: 2.00 µm/px per training pixel", timeout=15_000)
             expect(page.locator("#pyramid_level")).to_have_value("1")
 
             demo_id = page.locator("#dataset_id option", has_text="UltraMNIST demo").get_attribute("value")
-            page.select_option("#dataset_id", value=demo_id)
+            swapped(lambda: page.select_option("#dataset_id", value=demo_id))
             expect(page.locator("#pyramid_level")).to_have_count(0, timeout=15_000)
             expect(page.locator("#pyramid-level-single")).to_contain_text("one level")
         finally:
