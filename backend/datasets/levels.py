@@ -17,7 +17,9 @@ def _span(values: list[float]) -> list[float] | None:
     return [min(values), max(values)] if values else None
 
 
-def level_table(pyramids: list[dict[str, Any]], image_count: int, image_stats: dict[str, Any]) -> dict[str, Any]:
+def level_table(
+    pyramids: list[dict[str, Any]], image_count: int, image_stats: dict[str, Any]
+) -> dict[str, Any]:
     """The levels every image of a dataset has.
 
     ``pyramids``: the report's entries (``levels``: ``[[w, h], ...]``, ``mpp``: ``[x, y]`` or null)
@@ -33,10 +35,7 @@ def level_table(pyramids: list[dict[str, Any]], image_count: int, image_stats: d
     pyramidal = [p for p in entries if len(p["levels"]) > 1]
     counts = [len(p["levels"]) for p in entries]
     flat_images = max(0, image_count - len(pyramidal))
-    if pyramidal and flat_images == 0:
-        count = min(len(p["levels"]) for p in pyramidal)
-    else:
-        count = 1
+    count = min(len(p["levels"]) for p in pyramidal) if pyramidal and flat_images == 0 else 1
     mpp_known = image_count > 0 and len([p for p in entries if p.get("mpp")]) >= image_count
     levels = []
     if count > 1:
@@ -45,7 +44,9 @@ def level_table(pyramids: list[dict[str, Any]], image_count: int, image_stats: d
             heights = [int(p["levels"][index][1]) for p in pyramidal]
             downsamples = [p["levels"][0][0] / max(1, p["levels"][index][0]) for p in pyramidal]
             mpps = [
-                (float(p["mpp"][0]) * p["levels"][0][0] / max(1, p["levels"][index][0])) for p in pyramidal if p.get("mpp")
+                (float(p["mpp"][0]) * p["levels"][0][0] / max(1, p["levels"][index][0]))
+                for p in pyramidal
+                if p.get("mpp")
             ]
             levels.append(
                 {

@@ -208,12 +208,15 @@ def check_pyramid_level(settings: Settings, dataset: Dataset, level: int | None)
                 else ""
             )
             message = (
-                f"level {level} does not exist in dataset {dataset.name!r}: choose 0 to {count - 1}{differing}"
+                f"level {level} does not exist in dataset {dataset.name!r}: "
+                f"choose 0 to {count - 1}{differing}"
             )
         raise HyperparametersInvalid([{"field": "pyramid_level", "message": message}])
     entry = table["levels"][level]
     if int(entry.get("max_pixels") or 0) > IN_MEMORY_MAX_PIXELS:
-        readable = [e["level"] for e in table["levels"] if int(e.get("max_pixels") or 0) <= IN_MEMORY_MAX_PIXELS]
+        readable = [
+            e["level"] for e in table["levels"] if int(e.get("max_pixels") or 0) <= IN_MEMORY_MAX_PIXELS
+        ]
         hint = f"; choose level {readable[0]} or higher" if readable else ""
         raise HyperparametersInvalid(
             [
@@ -273,7 +276,11 @@ def create_task(
     backbone = _ready_backbone(session, user, backbone_id)
     num_classes = int(dataset.num_classes or len((dataset.summary or {}).get("classes", [])))
     config = validate_hyperparameters(
-        settings, algorithm, with_pyramid_level(hyperparameters, pyramid_level), num_classes, backbone.architecture
+        settings,
+        algorithm,
+        with_pyramid_level(hyperparameters, pyramid_level),
+        num_classes,
+        backbone.architecture,
     )
     check_pyramid_level(settings, dataset, config.get("pyramid_level"))
     plan: dict[str, Any] = {}

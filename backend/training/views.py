@@ -319,8 +319,15 @@ def levels_fragment(
     ready = [d for d in datasets.list_datasets(session, user) if d.status == DatasetStatus.READY]
     if dataset_id and dataset_id not in {str(d.id) for d in ready}:
         raise NotFound("No such dataset.")
-    values = {"dataset_id": dataset_id, "pyramid_level": pyramid_level, "image_size": image_size, "algorithm": algorithm}
-    return render(request, "training/levels.html", {"levels": _level_field(session, settings, user, ready, values)})
+    values = {
+        "dataset_id": dataset_id,
+        "pyramid_level": pyramid_level,
+        "image_size": image_size,
+        "algorithm": algorithm,
+    }
+    return render(
+        request, "training/levels.html", {"levels": _level_field(session, settings, user, ready, values)}
+    )
 
 
 @router.get("/tasks/new")

@@ -75,7 +75,9 @@ def test_the_level_select_follows_the_dataset_level_and_size(served: Served, tmp
             expect(effect).to_contain_text("Level 1: 128×128 px at 1.00 µm/px", timeout=15_000)
             page.fill("#image_size", "64")
             swapped(lambda: page.locator("#image_size").blur())
-            expect(effect).to_contain_text("resized to 64×64 px: 2.00 µm/px per training pixel", timeout=15_000)
+            expect(effect).to_contain_text(
+                "resized to 64×64 px: 2.00 µm/px per training pixel", timeout=15_000
+            )
             expect(page.locator("#pyramid_level")).to_have_value("1")
 
             demo_id = page.locator("#dataset_id option", has_text="UltraMNIST demo").get_attribute("value")

@@ -84,7 +84,9 @@ def test_make_loaders_passes_the_level_to_the_cache(tmp_path: Path) -> None:
 
 def test_config_checks_the_level() -> None:
     assert PatchGDConfig(num_classes=2, pyramid_level=2).pyramid_level == 2
-    assert config_from_dict("baseline", {"num_classes": 2, "pyramid_level": 0}).to_dict()["pyramid_level"] == 0
+    assert (
+        config_from_dict("baseline", {"num_classes": 2, "pyramid_level": 0}).to_dict()["pyramid_level"] == 0
+    )
     with pytest.raises(ConfigError, match="pyramid_level must be at least 0"):
         PatchGDConfig(num_classes=2, pyramid_level=-1)
     with pytest.raises(ConfigError, match="pyramid_level must be a whole number"):

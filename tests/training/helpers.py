@@ -31,9 +31,7 @@ def dataset_zip(classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 8, s
     return buffer.getvalue()
 
 
-def pyramid_zip(
-    sizes: tuple[int, ...] = (256, 256), per_class: int = 3, mpp: float | None = 0.5
-) -> bytes:
+def pyramid_zip(sizes: tuple[int, ...] = (256, 256), per_class: int = 3, mpp: float | None = 0.5) -> bytes:
     """A class-folder dataset of pyramidal TIFFs as zip bytes: class ``c`` holds ``per_class``
     TIFFs of ``sizes[c]``² in 64² tiles (256²: levels 256², 128², 64²; 128²: 128², 64²), level L
     painted grey 10 * (L + 1) (``level_colour``), with resolution tags of ``mpp`` µm/px at level 0."""
@@ -49,14 +47,25 @@ def pyramid_zip(
 
 
 def ready_dataset(
-    settings: Settings, client, headers: dict[str, str], name: str = "pets", archive: bytes | None = None, **kwargs  # noqa: ANN001
+    settings: Settings,
+    client,
+    headers: dict[str, str],
+    name: str = "pets",
+    archive: bytes | None = None,
+    **kwargs,  # noqa: ANN001
 ) -> int:
     """Upload a dataset through the API (``archive``, else a ``dataset_zip``) and validate it with
     the real job; returns its id."""
     response = client.post(
         "/api/v1/datasets",
         data={"name": name},
-        files={"file": (f"{name}.zip", archive if archive is not None else dataset_zip(**kwargs), "application/zip")},
+        files={
+            "file": (
+                f"{name}.zip",
+                archive if archive is not None else dataset_zip(**kwargs),
+                "application/zip",
+            )
+        },
         headers=headers,
     )
     assert response.status_code == 201, response.text

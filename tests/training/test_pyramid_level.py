@@ -72,7 +72,9 @@ def test_a_level_every_image_has_is_kept_shown_and_cloned(client, setup):
     clone = client.post(f"/api/v1/tasks/{task['id']}/clone", headers=setup["auth"])
     assert clone.status_code == 201, clone.text
     assert clone.json()["pyramid_level"] == 2
-    other = client.post(f"/api/v1/tasks/{task['id']}/clone", json={"algorithm": "baseline"}, headers=setup["auth"])
+    other = client.post(
+        f"/api/v1/tasks/{task['id']}/clone", json={"algorithm": "baseline"}, headers=setup["auth"]
+    )
     assert other.status_code == 201, other.text
     assert other.json()["algorithm"] == "baseline" and other.json()["pyramid_level"] == 2
     # Not given: level 0 (null), as before.
@@ -103,7 +105,9 @@ def test_a_dataset_without_pyramids_has_level_zero_only(client, setup):
 
 def test_slides_with_different_level_counts_offer_the_levels_all_have(settings, client, setup):
     # Class 0: 256² (3 levels); class 1: 128² (2 levels).
-    mixed = ready_dataset(settings, client, setup["auth"], name="mixed", archive=pyramid_zip(sizes=(256, 128)))
+    mixed = ready_dataset(
+        settings, client, setup["auth"], name="mixed", archive=pyramid_zip(sizes=(256, 128))
+    )
     levels = client.get(f"/api/v1/datasets/{mixed}", headers=setup["auth"]).json()["summary"]["levels"]
     assert levels["count"] == 2 and levels["differing"] and levels["most"] == 3
     assert levels["levels"][1]["width"] == [64, 128] and levels["levels"][1]["mpp"] == [1.0, 1.0]

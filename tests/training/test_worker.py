@@ -136,7 +136,9 @@ def api(fast_settings, make_client, make_user, bearer):  # noqa: ANN001, ANN201
     def post(path: str) -> dict:
         return client.post(f"/api/v1/tasks{path}", headers=auth).json()
 
-    return SimpleNamespace(create=create, get=get, post=post, client=client, auth=auth, backbone_id=backbone_id)
+    return SimpleNamespace(
+        create=create, get=get, post=post, client=client, auth=auth, backbone_id=backbone_id
+    )
 
 
 def wait_until(

@@ -181,7 +181,8 @@ def load_level_resized(
         raise ImageError(f"{source.name}: file not found")
     if source.suffix.lower() not in _OPENSLIDE_EXTENSIONS and not _is_tiff(source):
         raise ImageError(
-            f"{source.name}: pyramid level {level} does not exist (not a pyramidal image: it has level 0 only)"
+            f"{source.name}: pyramid level {level} does not exist "
+            "(not a pyramidal image: it has level 0 only)"
         )
     with open_region_reader(source) as reader:
         count = len(reader.level_dimensions)
@@ -510,7 +511,9 @@ class ImageFolderDataset(Dataset):
         target = self.cache_path(sample)
         if not target.is_file():
             if self.level:
-                array = load_level_resized(sample.path, self.level, self.image_size, max_pixels=self.max_pixels)
+                array = load_level_resized(
+                    sample.path, self.level, self.image_size, max_pixels=self.max_pixels
+                )
             else:
                 array = load_resized(sample.path, self.image_size, max_pixels=self.max_pixels)
             self.decodes += 1

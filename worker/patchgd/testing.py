@@ -18,7 +18,13 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-__all__ = ["SYNTHETIC_BLOCK", "allocate_and_touch", "level_colour", "synthetic_region", "write_pyramidal_tiff"]
+__all__ = [
+    "SYNTHETIC_BLOCK",
+    "allocate_and_touch",
+    "level_colour",
+    "synthetic_region",
+    "write_pyramidal_tiff",
+]
 
 
 def allocate_and_touch(num_bytes: int, hold_s: float = 0.05) -> int:
