@@ -189,3 +189,15 @@ def test_the_form_lists_the_levels_with_their_size_and_mpp(client, login, setup)
     assert created.status_code == 303, created.text
     task_page = client.get(created.headers["location"]).text
     assert re.search(r"pyramid level <strong>2</strong>", task_page), task_page[:3000]
+
+
+def test_a_dataset_validated_before_levels_were_summarised_reads_them_from_its_report(settings, client, setup):
+    # As an older summary: no "levels", and fewer pyramids listed than the dataset has.
+    with session_scope(settings) as session:
+        row = session.get(Dataset, setup["slides"])
+        summary = {k: v for k, v in row.summary.items() if k != "levels"}
+        assert summary["pyramid_count"] == 6
+        row.summary = {**summary, "pyramids": summary["pyramids"][:1]}
+    field, message = field_error(create(client, setup, pyramid_level=3))
+    assert field == "pyramid_level" and "choose 0 to 2" in message
+    assert create(client, setup, pyramid_level=2).status_code == 201
