@@ -191,7 +191,7 @@ def _px(span: list[int] | None) -> str:
     if not span or span[0] is None:
         return "?"
     low, high = int(span[0]), int(span[1])
-    return f"{high:,}" if low == high else f"{low:,}–{high:,}"
+    return f"{high:,}" if low == high else f"({low:,}–{high:,})"
 
 
 def _size(entry: dict[str, Any]) -> str:
