@@ -191,7 +191,7 @@ def test_the_form_lists_the_levels_with_their_size_and_mpp(client, login, setup)
     assert re.search(r"pyramid level <strong>2</strong>", task_page), task_page[:3000]
 
 
-def test_a_dataset_validated_before_levels_were_summarised_reads_them_from_its_report(settings, client, setup):
+def test_a_summary_without_levels_reads_them_from_the_report(settings, client, setup):
     # As an older summary: no "levels", and fewer pyramids listed than the dataset has.
     with session_scope(settings) as session:
         row = session.get(Dataset, setup["slides"])
