@@ -25,6 +25,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from backend.config import Settings
+from backend.datasets.levels import level_table
 from backend.db import run_after_commit, run_after_rollback, session_scope
 from backend.errors import AppError, Conflict, Forbidden, Invalid, NotFound
 from backend.models import DATASET_NAME_MAX_LENGTH, Dataset, DatasetStatus, Task, User
@@ -504,12 +505,33 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         "image_stats": report.get("image_stats", {}),
         "pyramid_count": len(pyramids),
         "pyramids": pyramids[:SUMMARY_MAX_PYRAMIDS],
+        "levels": _levels_of(report),
         "thumbnails": [
             {"index": t["index"], "class": t.get("class"), "path": t.get("path", "")}
             for t in report.get("thumbnails", [])
         ],
         "ignored_count": len(report.get("ignored") or []),
     }
+
+
+def _levels_of(report: dict[str, Any]) -> dict[str, Any]:
+    stats = report.get("image_stats") or {}
+    return level_table(list(report.get("pyramids") or []), int(stats.get("count") or 0), stats)
+
+
+def dataset_levels(settings: Settings, dataset: Dataset) -> dict[str, Any]:
+    """The pyramid levels every image of the ready ``dataset`` has (see
+    :func:`backend.datasets.levels.level_table`): from its summary, or, for a dataset validated
+    before the summary kept them, from its report)."""
+    summary = dict(dataset.summary or {})
+    if isinstance(summary.get("levels"), dict):
+        return summary["levels"]
+    report = summary
+    if int(summary.get("pyramid_count") or 0) > len(summary.get("pyramids") or []):
+        path = dataset_dir(settings, dataset.id) / REPORT_FILE
+        if path.is_file():
+            report = json.loads(path.read_text(encoding="utf-8"))
+    return _levels_of(report)
 
 
 def store_report(

@@ -84,6 +84,7 @@ def create_task(body: TaskCreate, user: CurrentUser, session: SessionDep, settin
         hyperparameters=body.hyperparameters,
         memory_budget_gib=body.memory_budget_gib,
         plan_token=body.plan_token,
+        pyramid_level=body.pyramid_level,
     )
     return _read(session, task)
 
@@ -111,6 +112,7 @@ def request_plan(
         memory_budget_gib=body.memory_budget_gib,
         algorithms=body.algorithms,
         verify=body.verify,
+        pyramid_level=body.pyramid_level,
     )
     return PlanStatus(token=token, status="planning")
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backend.deps import MAX_ROW_ID
 from backend.models import TASK_NAME_MAX_LENGTH, Task, TaskStatus
+from worker.patchgd.config import MAX_PYRAMID_LEVEL
 
 Algorithm = Literal["patchgd", "baseline"]
 
@@ -29,6 +30,11 @@ class TaskCreate(BaseModel):
     #: A plan of yours (``POST /tasks/plan``) to accept: the task keeps its part for ``algorithm``
     #: as ``plan`` (and its budget when ``memory_budget_gib`` is not given).
     plan_token: str | None = Field(default=None, max_length=64)
+    #: The pyramid level to read the training images from (0: full resolution), then resized to
+    #: ``image_size``; every image of the dataset must have it (a dataset without pyramids has
+    #: level 0 only; ``summary.levels`` of the dataset lists the levels, sizes and µm/px). Kept
+    #: as the ``pyramid_level`` hyperparameter (which may be given there instead). Default: 0.
+    pyramid_level: int | None = Field(default=None, ge=0, le=MAX_PYRAMID_LEVEL)
 
 
 class TaskClone(BaseModel):
@@ -120,6 +126,8 @@ class TaskRead(BaseModel):
     ``confusion_matrix``, ``classes``). ``error`` says why a task failed, in words meant for you.
     ``memory`` holds the measured peak against ``memory_budget_gib``; ``plan`` the memory plan
     accepted when the task was created (``POST /tasks`` with ``plan_token``), if any.
+    ``pyramid_level`` is the level the training images are read from (the hyperparameter of
+    that name; null: level 0).
     """
 
     id: int
@@ -128,6 +136,7 @@ class TaskRead(BaseModel):
     backbone_id: int
     algorithm: str
     hyperparameters: dict[str, Any]
+    pyramid_level: int | None = None
     memory_budget_gib: float | None
     status: TaskStatus
     queue_position: int | None
@@ -164,6 +173,7 @@ class TaskRead(BaseModel):
             backbone_id=task.backbone_id,
             algorithm=task.algorithm,
             hyperparameters=task.hyperparameters or {},
+            pyramid_level=(task.hyperparameters or {}).get("pyramid_level"),
             memory_budget_gib=task.memory_budget_gib,
             status=task.status,
             queue_position=queue_position if task.status == TaskStatus.QUEUED else None,
@@ -245,6 +255,9 @@ class PlanRequest(BaseModel):
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     memory_budget_gib: float = Field(gt=0, le=4096)
     verify: bool = False
+    #: As in ``POST /tasks``: checked against the dataset (it changes which pixels are read, not
+    #: the memory of a step, since every image is resized to ``image_size`` first).
+    pyramid_level: int | None = Field(default=None, ge=0, le=MAX_PYRAMID_LEVEL)
 
 
 class PlanStatus(BaseModel):

@@ -28,7 +28,7 @@ from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.orm import Session, defer
 
 from backend.config import Settings
-from backend.datasets.service import REPORT_FILE, dataset_dir
+from backend.datasets.service import REPORT_FILE, dataset_dir, dataset_levels
 from backend.db import run_after_commit, session_scope
 from backend.errors import AppError, Conflict, Invalid, NotFound
 from backend.models import (
@@ -48,7 +48,7 @@ from backend.models import (
 from backend.models.base import utcnow
 from backend.queue import MEMORY_PLAN, TRAINING_EXPORT, TRAINING_TRAIN, enqueue_after_commit
 from backend.training import plans
-from worker.patchgd.config import ALGORITHMS, config_from_dict
+from worker.patchgd.config import ALGORITHMS, IN_MEMORY_MAX_PIXELS, config_from_dict
 from worker.patchgd.errors import ConfigError
 
 TASKS_DIR = "tasks"
@@ -156,6 +156,79 @@ def validate_hyperparameters(
     return result
 
 
+def with_pyramid_level(hyperparameters: dict[str, Any], pyramid_level: int | None) -> dict[str, Any]:
+    """The hyperparameters with the request's top-level ``pyramid_level`` in them (it may also be
+    given among them; both at once must agree)."""
+    if pyramid_level is None or not isinstance(hyperparameters, dict):
+        return hyperparameters
+    given = hyperparameters.get("pyramid_level")
+    if given is not None and given != pyramid_level:
+        raise HyperparametersInvalid(
+            [
+                {
+                    "field": "pyramid_level",
+                    "message": f"pyramid_level is given twice, as {pyramid_level} and in the "
+                    f"hyperparameters as {given!r}; give it once",
+                }
+            ]
+        )
+    return {**hyperparameters, "pyramid_level": pyramid_level}
+
+
+def _level_words(entry: dict[str, Any]) -> str:
+    width, height = entry.get("width") or [0, 0], entry.get("height") or [0, 0]
+    if width[0] == width[1] and height[0] == height[1]:
+        return f"{width[1]:,}x{height[1]:,} px"
+    return f"up to {width[1]:,}x{height[1]:,} px"
+
+
+def check_pyramid_level(settings: Settings, dataset: Dataset, level: int | None) -> None:
+    """Refuse a ``pyramid_level`` that not every image of ``dataset`` has (a dataset without
+    pyramids has level 0 only), or whose largest image is too large to be read whole for training.
+    None (not given) is always accepted: training then reads level 0."""
+    if level is None:
+        return
+    table = dataset_levels(settings, dataset)
+    count = int(table.get("count") or 1)
+    if level >= count:
+        if count == 1 and not table.get("differing"):
+            message = (
+                f"dataset {dataset.name!r} has no pyramid: its images have one level, 0; "
+                f"level {level} does not exist"
+            )
+        elif count == 1:
+            message = (
+                f"not every image of dataset {dataset.name!r} has a pyramid (some have one level), "
+                f"so only level 0 can be chosen, not {level}"
+            )
+        else:
+            differing = (
+                f" (some of its images have up to {table.get('most')} levels, but every image must have it)"
+                if table.get("differing")
+                else ""
+            )
+            message = (
+                f"level {level} does not exist in dataset {dataset.name!r}: "
+                f"choose 0 to {count - 1}{differing}"
+            )
+        raise HyperparametersInvalid([{"field": "pyramid_level", "message": message}])
+    entry = table["levels"][level]
+    if int(entry.get("max_pixels") or 0) > IN_MEMORY_MAX_PIXELS:
+        readable = [
+            e["level"] for e in table["levels"] if int(e.get("max_pixels") or 0) <= IN_MEMORY_MAX_PIXELS
+        ]
+        hint = f"; choose level {readable[0]} or higher" if readable else ""
+        raise HyperparametersInvalid(
+            [
+                {
+                    "field": "pyramid_level",
+                    "message": f"level {level} ({_level_words(entry)}) has more than the "
+                    f"{IN_MEMORY_MAX_PIXELS:,} pixels a training image may have when read whole{hint}",
+                }
+            ]
+        )
+
+
 def ready_dataset(session: Session, user: User, dataset_id: int, *, use: str = "trained on") -> Dataset:
     """The user's dataset ``dataset_id`` if it is ready: 404 for anyone else's (or one being
     deleted), 409 naming its status otherwise (``use`` completes "only a ready dataset can be …")."""
@@ -192,16 +265,24 @@ def create_task(
     hyperparameters: dict[str, Any],
     memory_budget_gib: float | None = None,
     plan_token: str | None = None,
+    pyramid_level: int | None = None,
 ) -> Task:
     """Record a queued task and send ``training.train`` after the commit. With ``plan_token`` the
-    task keeps that plan (of its algorithm) as ``task.plan``, and the plan's budget when none is given."""
+    task keeps that plan (of its algorithm) as ``task.plan``, and the plan's budget when none is given.
+    ``pyramid_level`` (also accepted among the hyperparameters, where it is kept) must be a level
+    every image of the dataset has (:func:`check_pyramid_level`)."""
     name = clean_name(name)
     dataset = ready_dataset(session, user, dataset_id)
     backbone = _ready_backbone(session, user, backbone_id)
     num_classes = int(dataset.num_classes or len((dataset.summary or {}).get("classes", [])))
     config = validate_hyperparameters(
-        settings, algorithm, hyperparameters, num_classes, backbone.architecture
+        settings,
+        algorithm,
+        with_pyramid_level(hyperparameters, pyramid_level),
+        num_classes,
+        backbone.architecture,
     )
+    check_pyramid_level(settings, dataset, config.get("pyramid_level"))
     plan: dict[str, Any] = {}
     if plan_token:
         plan = accepted_plan(settings, user, plan_token, algorithm, config)
@@ -910,6 +991,7 @@ def request_plan(
     memory_budget_gib: float,
     algorithms: Sequence[str] | None = None,
     verify: bool = False,
+    pyramid_level: int | None = None,
 ) -> str:
     """Check the settings like :func:`create_task`, then ask a worker (light queue) for a plan of
     each of ``algorithms`` (default: ``algorithm`` alone) under the budget; returns the token to
@@ -927,7 +1009,7 @@ def request_plan(
         dataset_id=dataset_id,
         backbone_id=backbone_id,
         algorithm=algorithm,
-        hyperparameters=hyperparameters,
+        hyperparameters=with_pyramid_level(hyperparameters, pyramid_level),
         algorithms=algorithms,
     )
     token = f"u{user.id}-{uuid.uuid4().hex}"
@@ -964,6 +1046,9 @@ def plan_configs(
     config = validate_hyperparameters(
         settings, algorithm, hyperparameters, num_classes, backbone.architecture
     )
+    # The level decides which pixels are read, not the memory of a step (every image is resized
+    # to image_size first): it is checked and planned with, like the other settings.
+    check_pyramid_level(settings, dataset, config.get("pyramid_level"))
     configs = {algorithm: config}
     for other in algorithms or ():
         if other not in ALGORITHMS:

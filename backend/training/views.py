@@ -22,11 +22,11 @@ from backend.backbones import service as backbones
 from backend.datasets import service as datasets
 from backend.deps import CurrentUser, RowId, SessionDep, SettingsDep
 from backend.errors import AppError, NotFound
-from backend.models import DatasetStatus, TaskMetric, TaskStatus
+from backend.models import Dataset, DatasetStatus, TaskMetric, TaskStatus
 from backend.training import plans, predictions, service
 from backend.training.schemas import EvaluationRead, PredictionRead, TaskRead
 from backend.ui.templating import flash, render
-from worker.patchgd.config import ALGORITHMS
+from worker.patchgd.config import ALGORITHMS, IN_MEMORY_MAX_PIXELS
 
 router = APIRouter(tags=["pages"], include_in_schema=False)
 
@@ -187,6 +187,103 @@ def tasks_rows(request: Request, user: CurrentUser, session: SessionDep) -> Resp
     return render(request, "training/rows.html", _rows(session, user))
 
 
+def _px(span: list[int] | None) -> str:
+    if not span or span[0] is None:
+        return "?"
+    low, high = int(span[0]), int(span[1])
+    return f"{high:,}" if low == high else f"({low:,}–{high:,})"
+
+
+def _size(entry: dict[str, Any]) -> str:
+    return f"{_px(entry.get('width'))}×{_px(entry.get('height'))} px"
+
+
+def _mpp(low: float, high: float) -> str:
+    return f"{low:.2f} µm/px" if abs(high - low) < 0.005 else f"{low:.2f}–{high:.2f} µm/px"
+
+
+def level_choices(table: dict[str, Any], chosen: Any, image_size: int) -> dict[str, Any]:
+    """The form's pyramid-level control for a dataset's level table
+    (:func:`backend.datasets.levels.level_table`): one option per level (size, µm/px or "µm/px
+    unknown"; a level too large to read whole is disabled), the selected level (``chosen`` if the
+    dataset has it, else the first readable one) and what training at ``image_size`` makes of it."""
+    entries = list(table.get("levels") or [])
+    options = []
+    for entry in entries:
+        mpp = entry.get("mpp")
+        too_large = int(entry.get("max_pixels") or 0) > IN_MEMORY_MAX_PIXELS
+        options.append(
+            {
+                "level": entry["level"],
+                "label": " · ".join(
+                    [
+                        f"Level {entry['level']}",
+                        _size(entry),
+                        _mpp(*mpp) if mpp else "µm/px unknown",
+                        *(["too large to read whole"] if too_large else []),
+                    ]
+                ),
+                "disabled": too_large,
+            }
+        )
+    readable = [o["level"] for o in options if not o["disabled"]]
+    try:
+        selected = int(chosen)
+    except (TypeError, ValueError):
+        selected = -1
+    if selected not in readable:
+        selected = readable[0] if readable else 0
+    entry = entries[selected] if selected < len(entries) else {}
+    width = (entry.get("width") or [None, None])[1]
+    effect = ""
+    if entry:
+        words = f"{_size(entry)}"
+        mpp = entry.get("mpp")
+        if mpp:
+            words += f" at {_mpp(*mpp)}"
+        # Every image is resized to image_size²: one training pixel spans level width / image_size
+        # level pixels (across; down likewise with the height).
+        widths = entry.get("width") or [0, 0]
+        step = f"resized to {image_size:,}×{image_size:,} px"
+        physical = table.get("physical_um")  # the images' widths in µm: the same at every level
+        if mpp and physical and widths[0]:
+            step += f": {_mpp(physical[0] / image_size, physical[1] / image_size)} per training pixel across"
+            if width and width < image_size:
+                step += f" (enlarged: the detail stays the level's {_mpp(*mpp)})"
+        elif width:
+            factor = width / image_size
+            scale = f"shrunk {factor:.3g}×" if factor >= 1 else f"enlarged {1 / factor:.3g}×"
+            step += f" ({scale}; µm/px unknown)"
+        effect = f"Level {selected}: {words} → {step}."
+    return {
+        "pyramidal": bool(table.get("pyramidal")),
+        "count": int(table.get("count") or 1),
+        "differing": bool(table.get("differing")),
+        "most": table.get("most"),
+        "mpp_known": bool(table.get("mpp_known")),
+        "options": options,
+        "selected": selected,
+        "effect": effect,
+        "single": options[0]["label"] if options else "",
+    }
+
+
+def _level_field(
+    session: Any, settings: Any, user: Any, ready: list[Any], values: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The level control of the form's dataset (the one chosen, else the first ready one)."""
+    by_id = {str(d.id): d for d in ready}
+    dataset = by_id.get(str(values.get("dataset_id") or "")) or (ready[0] if ready else None)
+    if dataset is None:
+        return None
+    algorithm = values.get("algorithm") if values.get("algorithm") in ALGORITHMS else "patchgd"
+    raw = str(values.get("image_size") or "").strip()
+    default = int(getattr(ALGORITHMS[algorithm], "image_size", 512))
+    image_size = int(raw) if raw.isdigit() and 0 < int(raw) <= 1 << 20 else default
+    table = datasets.dataset_levels(settings, dataset)
+    return level_choices(table, values.get("pyramid_level"), image_size)
+
+
 def _form_context(session: Any, settings: Any, user: Any, values: dict[str, Any] | None = None) -> dict:
     ready = [d for d in datasets.list_datasets(session, user) if d.status == DatasetStatus.READY]
     backbones.ensure_builtins(session, settings)  # the catalog's rows, as the backbones page shows them
@@ -200,9 +297,37 @@ def _form_context(session: Any, settings: Any, user: Any, values: dict[str, Any]
         "defaults": defaults,
         "defaults_json": json.dumps(defaults),
         "values": values or {},
+        "levels": _level_field(session, settings, user, ready, values or {}),
         "errors": [],
         **EMPTY_PLAN,
     }
+
+
+@router.get("/tasks/new/levels")
+def levels_fragment(
+    request: Request,
+    user: CurrentUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    dataset_id: str = "",
+    pyramid_level: str = "",
+    image_size: str = "",
+    algorithm: str = "patchgd",
+) -> Response:
+    """The form's pyramid-level control for ``dataset_id`` (swapped in when the dataset, the level
+    or the image size changes): the levels with their size and µm/px, and the chosen one's effect."""
+    ready = [d for d in datasets.list_datasets(session, user) if d.status == DatasetStatus.READY]
+    if dataset_id and dataset_id not in {str(d.id) for d in ready}:
+        raise NotFound("No such dataset.")
+    values = {
+        "dataset_id": dataset_id,
+        "pyramid_level": pyramid_level,
+        "image_size": image_size,
+        "algorithm": algorithm,
+    }
+    return render(
+        request, "training/levels.html", {"levels": _level_field(session, settings, user, ready, values)}
+    )
 
 
 @router.get("/tasks/new")
@@ -231,6 +356,7 @@ def form_values(
     warmup_epochs: Annotated[str, Form()] = "",
     checkpoint_every_minutes: Annotated[str, Form()] = "",
     plan_token: Annotated[str, Form()] = "",
+    pyramid_level: Annotated[str, Form()] = "",
 ) -> dict[str, str]:
     """The create form's fields as typed (strings; parsed by :func:`_hyperparameters`)."""
     return {
@@ -251,6 +377,7 @@ def form_values(
         "warmup_epochs": warmup_epochs,
         "checkpoint_every_minutes": checkpoint_every_minutes,
         "plan_token": plan_token,
+        "pyramid_level": pyramid_level,
     }
 
 
@@ -260,11 +387,14 @@ FormValues = Annotated[dict[str, str], Depends(form_values)]
 def _hyperparameters(values: dict[str, str]) -> dict[str, Any]:
     """The hyperparameters of the form's algorithm that were filled in (fields of the other are ignored)."""
     algorithm = values["algorithm"]
-    return {
+    chosen = {
         field: _number(values[field].strip())
         for field, _label, only, _step in FORM_FIELDS
         if values[field].strip() and (not only or only == algorithm)
     }
+    if values.get("pyramid_level", "").strip():
+        chosen["pyramid_level"] = _number(values["pyramid_level"].strip())
+    return chosen
 
 
 def _error_lines(exc: Exception) -> list[str]:
@@ -419,11 +549,26 @@ def accept_plan(
 
 
 @router.get("/tasks/{task_id:row_id}")
-def task_page(request: Request, task_id: RowId, user: CurrentUser, session: SessionDep) -> Response:
+def task_page(
+    request: Request, task_id: RowId, user: CurrentUser, session: SessionDep, settings: SettingsDep
+) -> Response:
     """A task: status, live progress, memory, coverage, log, per-epoch charts and table, final
     metrics, actions."""
     task = service.get_task(session, user, task_id)
-    return render(request, "training/detail.html", {"active": "tasks", **_context(session, task)})
+    context = _context(session, task)
+    level = (task.hyperparameters or {}).get("pyramid_level")
+    context["level"] = None
+    if level is not None:
+        dataset = session.get(Dataset, task.dataset_id)
+        table = datasets.dataset_levels(settings, dataset) if dataset is not None else {}
+        entries = table.get("levels") or []
+        entry = entries[level] if isinstance(level, int) and 0 <= level < len(entries) else {}
+        mpp = entry.get("mpp")
+        context["level"] = {
+            "level": level,
+            "words": " · ".join([_size(entry), _mpp(*mpp) if mpp else "µm/px unknown"]) if entry else "",
+        }
+    return render(request, "training/detail.html", {"active": "tasks", **context})
 
 
 def _count(raw: str | None) -> int:

@@ -24,7 +24,7 @@ from backend.config import Settings
 from backend.datasets.service import REPORT_FILE, dataset_dir
 from backend.supervisor import beat_command, child_environment, worker_command
 from backend.training import service
-from tests.training.helpers import TINY_BASELINE, TINY_PATCHGD, builtin_backbone, ready_dataset
+from tests.training.helpers import TINY_BASELINE, TINY_PATCHGD, builtin_backbone, pyramid_zip, ready_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Bound on any one wait (worker start-up, importing torch, a tiny run) on a busy 2-core machine.
@@ -136,7 +136,9 @@ def api(fast_settings, make_client, make_user, bearer):  # noqa: ANN001, ANN201
     def post(path: str) -> dict:
         return client.post(f"/api/v1/tasks{path}", headers=auth).json()
 
-    return SimpleNamespace(create=create, get=get, post=post, client=client, auth=auth)
+    return SimpleNamespace(
+        create=create, get=get, post=post, client=client, auth=auth, backbone_id=backbone_id
+    )
 
 
 def wait_until(
@@ -309,3 +311,37 @@ def test_a_task_whose_worker_dies_on_every_attempt_fails_with_a_reason(fast_sett
     wait_until(processes, "the reaper's verdict", lambda: status_of(api, task_id) == "failed")
     body = api.get(f"/{task_id}")
     assert body["attempts"] == 2 and "stopped responding" in body["error"]
+
+
+@pytest.mark.slow
+def test_the_worker_reads_training_images_from_the_task_s_pyramid_level(fast_settings, processes, api):
+    """Every level of the dataset's TIFFs is a grey of its own (level L: 10 * (L + 1)); level 2 of
+    a 256² pyramid is 64², the training size, so the images the run cached are level 2's pixels."""
+    import numpy as np
+
+    slides = ready_dataset(fast_settings, api.client, api.auth, name="slides", archive=pyramid_zip())
+    response = api.client.post(
+        "/api/v1/tasks",
+        json={
+            "name": "level 2",
+            "dataset_id": slides,
+            "backbone_id": api.backbone_id,
+            "algorithm": "baseline",
+            "hyperparameters": TINY_BASELINE,
+            "pyramid_level": 2,
+        },
+        headers=api.auth,
+    )
+    assert response.status_code == 201, response.text
+    task = response.json()
+    processes.start("worker")
+    wait_until(processes, "the level-2 run", lambda: status_of(api, task["id"]) in service.TERMINAL_NAMES)
+    body = api.get(f"/{task['id']}")
+    assert body["status"] == "succeeded", (body, processes.logs())
+    assert body["pyramid_level"] == 2
+    cached = sorted((service.task_dir(fast_settings, task["id"]) / "cache").rglob("*.npy"))
+    report = json.loads((dataset_dir(fast_settings, slides) / REPORT_FILE).read_text())
+    assert len(cached) == len(report["labels"]) == 6  # every image, train and held out
+    for path in cached:
+        pixels = np.load(path)
+        assert pixels.shape == (64, 64, 3) and np.all(pixels == 30), path

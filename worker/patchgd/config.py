@@ -18,6 +18,12 @@ if TYPE_CHECKING:
     from .grid import PatchGrid
 
 PRECISIONS = ("auto", "fp32", "bf16")
+#: Pixels an image (or the pyramid level read of it) may have to be decoded whole for training:
+#: Pillow's own default limit (~89.5 megapixels), what ``data.DEFAULT_MAX_PIXELS`` is. Torch-free,
+#: so that the web process can say which pyramid levels are small enough to train from.
+IN_MEMORY_MAX_PIXELS = 89_478_485
+#: Highest pyramid level index accepted (slides have a handful; the check only bounds the value).
+MAX_PYRAMID_LEVEL = 31
 HEADS = ("reference", "pooled", "linear")
 
 
@@ -42,6 +48,10 @@ def _check_common(cfg: Any) -> None:
     if not isinstance(cfg.backbone, str) or cfg.backbone not in BACKBONE_CATALOG:
         raise ConfigError(f"unknown backbone {cfg.backbone!r}; choose one of {', '.join(list_backbones())}")
     _check_int("image_size", cfg.image_size, 8)
+    if cfg.pyramid_level is not None:
+        _check_int("pyramid_level", cfg.pyramid_level, 0)
+        if cfg.pyramid_level > MAX_PYRAMID_LEVEL:
+            raise ConfigError(f"pyramid_level must be at most {MAX_PYRAMID_LEVEL}, got {cfg.pyramid_level}")
     _check_int("epochs", cfg.epochs, 1)
     _check_int("batch_size", cfg.batch_size, 1)
     _check_int("warmup_epochs", cfg.warmup_epochs, 0)
@@ -112,6 +122,9 @@ class PatchGDConfig(_ConfigMixin):
     num_classes: int
     backbone: str = "resnet50"
     image_size: int = 512
+    # The pyramid level training images are read from (0: full resolution; level L of a pyramidal
+    # TIFF or slide is its L-th reduced page), then resized to image_size. None: level 0.
+    pyramid_level: int | None = None
     patch_size: int = 128
     sampling: float | None = None
     patches_per_step: int | None = None
@@ -241,6 +254,9 @@ class BaselineConfig(_ConfigMixin):
     num_classes: int
     backbone: str = "resnet50"
     image_size: int = 512
+    # The pyramid level training images are read from (0: full resolution; level L of a pyramidal
+    # TIFF or slide is its L-th reduced page), then resized to image_size. None: level 0.
+    pyramid_level: int | None = None
     epochs: int = 10
     batch_size: int = 4
     lr: float = 1e-3

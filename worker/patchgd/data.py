@@ -165,6 +165,49 @@ def load_resized(
     return np.array(image, dtype=np.uint8)
 
 
+def load_level_resized(
+    path: str | os.PathLike[str], level: int, image_size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Read pyramid level `level` of `path` whole and resize it to `image_size` x `image_size`.
+
+    Level 0 is decoded like `load_resized`. A higher level of a pyramidal TIFF or whole-slide file
+    is read through its region reader (only that level's tiles are decoded); it must exist and hold
+    at most `max_pixels` pixels. An ordinary image has level 0 only. Returns uint8 HWC RGB.
+    """
+    if level == 0:
+        return load_resized(path, image_size, max_pixels=max_pixels)
+    source = Path(path)
+    if not source.is_file():
+        raise ImageError(f"{source.name}: file not found")
+    if source.suffix.lower() not in _OPENSLIDE_EXTENSIONS and not _is_tiff(source):
+        raise ImageError(
+            f"{source.name}: pyramid level {level} does not exist "
+            "(not a pyramidal image: it has level 0 only)"
+        )
+    with open_region_reader(source) as reader:
+        count = len(reader.level_dimensions)
+        if level >= count:
+            raise ImageError(
+                f"{source.name}: pyramid level {level} does not exist (it has {count} level"
+                f"{'s' if count != 1 else ''}, 0 to {count - 1})"
+            )
+        reader.set_level(level)
+        width, height = reader.size
+        if width * height > max_pixels:
+            raise ImageError(
+                f"{source.name}: pyramid level {level} is {width}x{height} = {width * height:,} pixels, "
+                f"over the limit of {max_pixels:,} for reading a level whole; choose a smaller level "
+                "(a higher level number)"
+            )
+        pixels = reader.read_region(0, 0, width, height)
+    image = Image.fromarray(np.asarray(pixels, dtype=np.uint8))
+    if image.size != (image_size, image_size):
+        shrinking = image.width > image_size or image.height > image_size
+        resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+        image = image.resize((image_size, image_size), resample)
+    return np.array(image, dtype=np.uint8)
+
+
 # --------------------------------------------------------------------------- dataset index
 
 
@@ -422,7 +465,8 @@ class ImageFolderDataset(Dataset):
     """Labelled images resized once to `image_size` and served from a memory-mapped uint8 cache.
 
     The first access of an image decodes and resizes it and writes `<cache_dir>/<key>.npy`, the key
-    hashing the source path, its mtime and size, and `image_size`; a changed file gets a new key.
+    hashing the source path, its mtime and size, `image_size` and `level`; a changed file gets a new
+    key. With `level`, pyramidal images are read from that pyramid level (`load_level_resized`).
     Later epochs only memory-map that file: no decoding, no resizing. Items are
     (normalized float32 [3, S, S], label).
     """
@@ -434,11 +478,15 @@ class ImageFolderDataset(Dataset):
         cache_dir: str | os.PathLike[str],
         *,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        level: int | None = None,
     ) -> None:
         if image_size <= 0:
             raise ValueError("image_size must be positive")
+        if level is not None and level < 0:
+            raise ValueError("level must be 0 or more")
         self.samples = list(samples)
         self.image_size = image_size
+        self.level = level
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.max_pixels = max_pixels
@@ -452,6 +500,8 @@ class ImageFolderDataset(Dataset):
         """Where the resized copy of `sample` lives; changes when the source file changes."""
         stat = sample.path.stat()
         key = f"{sample.path.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{self.image_size}"
+        if self.level:
+            key += f"|level={self.level}"
         digest = hashlib.sha256(key.encode()).hexdigest()
         return self.cache_dir / digest[:2] / f"{digest}.npy"
 
@@ -460,7 +510,12 @@ class ImageFolderDataset(Dataset):
         sample = self.samples[index]
         target = self.cache_path(sample)
         if not target.is_file():
-            array = load_resized(sample.path, self.image_size, max_pixels=self.max_pixels)
+            if self.level:
+                array = load_level_resized(
+                    sample.path, self.level, self.image_size, max_pixels=self.max_pixels
+                )
+            else:
+                array = load_resized(sample.path, self.image_size, max_pixels=self.max_pixels)
             self.decodes += 1
             target.parent.mkdir(parents=True, exist_ok=True)
             # Write then rename: a concurrent reader (another DataLoader worker) never sees half a file.
@@ -507,6 +562,8 @@ def make_loaders(
     level is `level` or the smallest one at least `target_size`, default `image_size`); "auto"
     streams a split when any of its files `needs_streaming` (pyramidal, whole-slide, or above
     `stream_min_pixels`). Streamed batches are for PatchGD only (the baseline needs tensors).
+    Images resized into the cache are read from pyramid level `level` when it is given (see
+    `load_level_resized`), else from level 0.
     """
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
@@ -531,7 +588,7 @@ def make_loaders(
                 target_size=target_size,  # type: ignore[arg-type]
             )
         else:
-            dataset = ImageFolderDataset(samples, image_size, cache_dir, max_pixels=max_pixels)
+            dataset = ImageFolderDataset(samples, image_size, cache_dir, max_pixels=max_pixels, level=level)
         generator = torch.Generator().manual_seed(seed)
         loaders[split] = DataLoader(
             dataset,

@@ -18,7 +18,13 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-__all__ = ["SYNTHETIC_BLOCK", "allocate_and_touch", "synthetic_region", "write_pyramidal_tiff"]
+__all__ = [
+    "SYNTHETIC_BLOCK",
+    "allocate_and_touch",
+    "level_colour",
+    "synthetic_region",
+    "write_pyramidal_tiff",
+]
 
 
 def allocate_and_touch(num_bytes: int, hold_s: float = 0.05) -> int:
@@ -67,6 +73,13 @@ def synthetic_region(downsample: int, x: int, y: int, w: int, h: int) -> np.ndar
     return colours.take(cols, axis=1).take(rows, axis=0)
 
 
+def level_colour(downsample: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+    """A `tile_fn` for `write_pyramidal_tiff` that paints level L (downsample 2**L) the constant
+    grey 10 * (L + 1): whatever is read from a level says which level it was."""
+    level = downsample.bit_length() - 1
+    return np.full((h, w, 3), 10 * (level + 1), np.uint8)
+
+
 def write_pyramidal_tiff(
     path: str | os.PathLike[str],
     size: int | tuple[int, int],
@@ -75,13 +88,16 @@ def write_pyramidal_tiff(
     levels: int | None = None,
     tile_fn: Callable[[int, int, int, int, int], np.ndarray] = synthetic_region,
     compression: str | None = "zlib",
+    mpp: float | None = None,
 ) -> Path:
     """Write a tiled pyramidal RGB TIFF tile by tile, so memory stays flat at any size.
 
     Level L is 2**L times smaller than level 0 and is stored as a reduced-resolution page
     (SubfileType 1), which both tifffile and OpenSlide's generic TIFF reader understand.
     `tile_fn(downsample, x, y, w, h)` produces each tile (default: `synthetic_region`). Without
-    `levels`, halves the image while it stays >= one tile (at most 7 levels).
+    `levels`, halves the image while it stays >= one tile (at most 7 levels). `mpp` (µm per pixel
+    of level 0) writes resolution tags in pixels per centimetre on every level (scaled by its
+    downsample).
     """
     width, height = (size, size) if isinstance(size, int) else size
     if tile % 16:
@@ -108,6 +124,9 @@ def write_pyramidal_tiff(
         for level in range(levels):
             downsample = 1 << level
             lw, lh = max(1, width // downsample), max(1, height // downsample)
+            if mpp is not None:
+                per_cm = 10000 / (mpp * downsample)
+                extra = {**extra, "resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
             writer.write(
                 tiles(downsample, lw, lh),
                 shape=(lh, lw, 3),

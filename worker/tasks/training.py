@@ -469,6 +469,7 @@ def _train(settings, task_id: int, worker_id: str, spec: dict[str, Any], lease: 
         cache_dir=task_folder / "cache",
         seed=cfg.seed,
         num_workers=0,  # prefork pool processes are daemons: they cannot start loader processes
+        level=cfg.pyramid_level,  # None: level 0, decoded as a whole image
     )
     if "train" not in loaders:
         raise DatasetError("the dataset's training split is empty")
