@@ -19,7 +19,12 @@ validate it, then:
 * ``progress_writes`` (once, SQLite): the engine trains the same tiny PatchGD task in this
   process with no progress callback, then with the worker's progress writer (``_Lease``) writing
   every step, then at the default interval; images/s of each (alternated, median of
-  ``--repeats``), and the measured cost of one write.
+  ``--repeats``), and the measured cost of one write: its wall time and its CPU time on the
+  writer's thread (``time.thread_time``). The CPU time does not depend on how busy the machine is,
+  so ``writer_cpu_share_bound_percent`` (CPU per write / the default interval: at most one write
+  per interval) bounds what the writer can take from training even where images/s are too noisy
+  to compare; ``writer_cpu_share_percent`` is the same at this run's own write rate.
+  ``--only-progress`` runs this part alone (no server).
 
 Every non-200 answer or failed request counts as an error. Prints a summary and writes
 ``bench/results/training_live_<db>.json``.
@@ -455,6 +460,10 @@ async def scenarios(base_url: str, args: argparse.Namespace, serve_pid: int) -> 
     return result
 
 
+def _p99(values: list[float]) -> float:
+    return sorted(values)[int(0.99 * (len(values) - 1))] if values else 0.0
+
+
 def progress_writes(repeats: int, steps: int) -> dict[str, Any]:
     """The engine in this process: images/s with no progress callback, with the worker's writer
     writing every step, and at the default interval (alternated runs, medians)."""
@@ -513,6 +522,7 @@ def progress_writes(repeats: int, steps: int) -> dict[str, Any]:
         task_id = task.id
 
     write_seconds: list[float] = []
+    write_cpu_seconds: list[float] = []
 
     def run(interval: float | None) -> tuple[float, int]:
         if interval is None:
@@ -526,11 +536,12 @@ def progress_writes(repeats: int, steps: int) -> dict[str, Any]:
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             nonlocal writes
-            began = time.perf_counter()
+            began, began_cpu = time.perf_counter(), time.thread_time()
             try:
                 return original(*args, **kwargs)
             finally:
                 write_seconds.append(time.perf_counter() - began)
+                write_cpu_seconds.append(time.thread_time() - began_cpu)
                 writes += 1
 
         service.heartbeat = timed  # counts the writes the lease makes (the real function runs)
@@ -554,6 +565,10 @@ def progress_writes(repeats: int, steps: int) -> dict[str, Any]:
     median = {name: statistics.median(values) for name, values in rates.items()}
     step_seconds = cfg.batch_size / median["none"]
     write_ms = statistics.median(write_seconds) * 1000 if write_seconds else 0.0
+    write_cpu_ms = statistics.median(write_cpu_seconds) * 1000 if write_cpu_seconds else 0.0
+    # Writes per second at the default interval: at most one per interval, and never more than
+    # one per training step.
+    writes_per_s = min(1 / default_interval, 1 / step_seconds)
     return {
         "config": {
             "steps": steps,
@@ -574,8 +589,15 @@ def progress_writes(repeats: int, steps: int) -> dict[str, Any]:
         "write_ms_p99": round(sorted(write_seconds)[int(0.99 * (len(write_seconds) - 1))] * 1000, 2)
         if write_seconds
         else 0,
+        "write_cpu_ms_median": round(write_cpu_ms, 3),
+        "write_cpu_ms_p99": round(_p99(write_cpu_seconds) * 1000, 3),
         "step_ms": round(step_seconds * 1000, 1),
         "cost_at_default_interval_percent": round(100 * (write_ms / 1000) / default_interval, 3),
+        "writes_per_s_at_default_interval": round(writes_per_s, 3),
+        "writer_cpu_share_percent": round(100 * writes_per_s * write_cpu_ms / 1000, 3),
+        # The bound whatever the step time: one write per interval at most.
+        "writer_cpu_share_bound_percent": round(100 * (write_cpu_ms / 1000) / default_interval, 3),
+        "writer_cpu_share_bound_p99_percent": round(100 * _p99(write_cpu_seconds) / default_interval, 3),
         "coverage_sampled_last_write": sampled,
     }
 
@@ -596,6 +618,7 @@ def main() -> None:
     parser.add_argument("--progress-repeats", type=int, default=3)
     parser.add_argument("--progress-steps", type=int, default=20)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--only-progress", action="store_true", help="only the progress-write part")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     kinds = args.db or default_dbs
@@ -605,6 +628,18 @@ def main() -> None:
         load = os.getloadavg()
     except OSError:
         load = None
+    if args.only_progress:
+        out = {
+            "machine": machine,
+            "load_average_at_start": load,
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "progress_writes": progress_writes(args.progress_repeats, args.progress_steps),
+        }
+        path = RESULTS / f"training_live_progress{args.tag}.json"
+        path.write_text(json.dumps(out, indent=2) + "\n")
+        print(json.dumps(out, indent=2))
+        print(f"  wrote {path.relative_to(REPO_ROOT)}", flush=True)
+        return
     for kind in kinds:
         print(f"== {kind}", flush=True)
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
