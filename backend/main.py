@@ -36,6 +36,7 @@ from backend.errors import AppError, ErrorResponse, Unauthorized
 from backend.limits import ConcurrencyLimitMiddleware, configure_threads, freeze_startup_heap
 from backend.middleware import TOO_LARGE_CODE, BodyLimitMiddleware, UnhandledErrorMiddleware
 from backend.observability import HttpMetrics, ObservabilityMiddleware, configure_logging
+from backend.route_filter import install_route_prefilter
 from backend.training import api as training_api
 from backend.training import views as training_views
 from backend.ui import views as ui_views
@@ -310,4 +311,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(page_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _document_common_responses(app)
+    # Last, once every route is in place: each router is asked only about paths it can match.
+    install_route_prefilter(app)
     return app

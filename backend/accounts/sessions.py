@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session, joinedload
 
 from backend.config import Settings
@@ -68,6 +68,12 @@ def sign_in(
     return create_session(session, settings, user, user_agent=user_agent, ip=ip)
 
 
+#: Built once: every signed-in page and poll runs it (see ``tokens._TOKEN_BY_HASH``).
+_SESSION_BY_ID = (
+    select(UserSession).options(joinedload(UserSession.user)).where(UserSession.id == bindparam("session_id"))
+)
+
+
 def resolve_session(session: Session, settings: Settings, cookie_value: str) -> UserSession | None:
     """The live session behind a cookie value, with its user loaded; None if unknown, revoked or expired.
 
@@ -76,11 +82,7 @@ def resolve_session(session: Session, settings: Settings, cookie_value: str) -> 
     """
     if not cookie_value:
         return None
-    row = session.scalar(
-        select(UserSession)
-        .options(joinedload(UserSession.user))
-        .where(UserSession.id == sha256_hex(cookie_value))
-    )
+    row = session.scalar(_SESSION_BY_ID, {"session_id": sha256_hex(cookie_value)})
     now = utcnow()
     if row is None or not row.is_valid(now) or not row.user.is_active:
         return None

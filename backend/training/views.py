@@ -17,9 +17,11 @@ from typing import Annotated, Any
 import psutil
 from fastapi import APIRouter, Depends, Form, Path, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from backend.backbones import service as backbones
 from backend.datasets import service as datasets
+from backend.db import end_transaction
 from backend.deps import CurrentUser, RowId, SessionDep, SettingsDep
 from backend.errors import AppError, NotFound
 from backend.models import Dataset, DatasetStatus, TaskMetric, TaskStatus
@@ -579,11 +581,17 @@ def _count(raw: str | None) -> int:
 
 
 @router.get("/tasks/{task_id:row_id}/status")
-def task_status(request: Request, task_id: RowId, user: CurrentUser, session: SessionDep) -> Response:
+async def task_status(request: Request, task_id: RowId, user: CurrentUser, session: SessionDep) -> Response:
     """The status panel, polled while the task is queued or running: progress, memory, patch
     coverage, and out-of-band the epochs (``epochs``: how many the page has) and log lines (after
     ``event``) that are new. When the run has ended the page reloads itself (HX-Refresh) to show
     the results and the actions of an ended task."""
+    # Polled by every open task page: one thread-pool hop reads, renders and ends the read-only
+    # transaction (a plain ``def`` endpoint would take another hop to commit it afterwards).
+    return await run_in_threadpool(_status_panel, request, session, user, task_id)
+
+
+def _status_panel(request: Request, session: Any, user: Any, task_id: int) -> Response:
     task = service.get_task(session, user, task_id)
     context = _context(
         session,
@@ -592,7 +600,9 @@ def task_status(request: Request, task_id: RowId, user: CurrentUser, session: Se
         after_event=_count(request.query_params.get("event")),
     )
     headers = {} if context["active_run"] else {"HX-Refresh": "true"}
-    return render(request, "training/status.html", context, headers=headers)
+    response = render(request, "training/status.html", context, headers=headers)
+    end_transaction(session)
+    return response
 
 
 #: Names shown for the download formats.
