@@ -5,6 +5,14 @@ set, also on Postgres (fixture ids ``sqlite`` / ``postgres``). For Postgres a fr
 created on that server for the test run and dropped afterwards, so runs never see each other.
 Isolation between tests: every table is emptied after each test that used ``settings``, which
 works the same on both databases and also covers data committed by the CLI or other processes.
+
+One rule narrows the two databases to one: a test marked ``@production_database`` runs on
+Postgres only when ``TEST_DATABASE_URL`` is set (on SQLite otherwise). It is for the long tests
+that drive real worker processes through a path whose SQLite side another test already proves
+with real processes (the end-to-end tests run ``tessera serve`` on SQLite), while the database
+work on that path is proven on both databases in-process. Tests of leases, the reaper and
+requeues stay on both: that is where the databases behave differently (locking, timestamps).
+Each marked test says in its docstring which tests cover its SQLite side.
 """
 
 from __future__ import annotations
@@ -34,6 +42,10 @@ TEST_PASSWORD = "correct-horse-battery"
 # Cheap argon2 for tests: the cost is a setting, the algorithm is the production one.
 FAST_HASHING = {"argon2_time_cost": 1, "argon2_memory_cost_kib": 1024}
 _DATABASE_KINDS = ["sqlite"] + (["postgres"] if os.environ.get("TEST_DATABASE_URL") else [])
+#: The database a deployment runs on: Postgres when this run has one, else SQLite.
+PRODUCTION_DATABASE = _DATABASE_KINDS[-1]
+#: Run a test on ``PRODUCTION_DATABASE`` only (see the module docstring for when that is right).
+production_database = pytest.mark.parametrize("db_url", [PRODUCTION_DATABASE], indirect=True, scope="session")
 _CSRF_INPUT = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
