@@ -18,8 +18,11 @@ Each marked test says in its docstring which tests cover its SQLite side.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -80,6 +83,40 @@ def broker_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     if redis_url:
         return redis_url
     return f"sqla+sqlite:///{tmp_path_factory.mktemp('broker') / 'broker.db'}"
+
+
+#: Measures the planner's step calibrations of the tiny runs into the file named by ``argv[1]``.
+_CALIBRATE_TINY_RUNS = """
+import sys
+from tests.training.helpers import TINY_BASELINE, TINY_PATCHGD
+from worker.patchgd.config import config_from_dict
+from worker.patchgd.memory import calibrate_step
+
+for algorithm, hyperparameters in (("patchgd", TINY_PATCHGD), ("baseline", TINY_BASELINE)):
+    config = config_from_dict(algorithm, dict(hyperparameters, num_classes=2, backbone="resnet18"))
+    calibrate_step(config, "cpu", cache_file=sys.argv[1])
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A planner's calibration file (``memory_calibration.json``) with resnet18's CPU step
+    calibrations for the tiny runs' sizes (64 px images, 32 px patches), measured once per test
+    run the way a worker measures them, in a fresh interpreter (so no calibration this process
+    already holds in memory can stop the file from being written).
+
+    Tests that plan these sizes copy it into their data folder, so that each plan does not
+    measure the same thing again; tests/worker/test_memory_plan_worker.py keeps proving a plan
+    measured from nothing by a real worker."""
+    path = tmp_path_factory.mktemp("calibration") / "memory_calibration.json"
+    subprocess.run(
+        [sys.executable, "-c", _CALIBRATE_TINY_RUNS, str(path)],
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+        timeout=900,
+    )
+    assert len(json.loads(path.read_text())) == 2, path.read_text()
+    return path
 
 
 @pytest.fixture(scope="session", params=_DATABASE_KINDS)
