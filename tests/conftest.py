@@ -5,13 +5,24 @@ set, also on Postgres (fixture ids ``sqlite`` / ``postgres``). For Postgres a fr
 created on that server for the test run and dropped afterwards, so runs never see each other.
 Isolation between tests: every table is emptied after each test that used ``settings``, which
 works the same on both databases and also covers data committed by the CLI or other processes.
+
+One rule narrows the two databases to one: a test marked ``@production_database`` runs on
+Postgres only when ``TEST_DATABASE_URL`` is set (on SQLite otherwise). It is for the long tests
+that drive real worker processes through a path whose SQLite side another test already proves
+with real processes (the end-to-end tests run ``tessera serve`` on SQLite), while the database
+work on that path is proven on both databases in-process. Tests of leases, the reaper and
+requeues stay on both: that is where the databases behave differently (locking, timestamps).
+Each marked test says in its docstring which tests cover its SQLite side.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +45,10 @@ TEST_PASSWORD = "correct-horse-battery"
 # Cheap argon2 for tests: the cost is a setting, the algorithm is the production one.
 FAST_HASHING = {"argon2_time_cost": 1, "argon2_memory_cost_kib": 1024}
 _DATABASE_KINDS = ["sqlite"] + (["postgres"] if os.environ.get("TEST_DATABASE_URL") else [])
+#: The database a deployment runs on: Postgres when this run has one, else SQLite.
+PRODUCTION_DATABASE = _DATABASE_KINDS[-1]
+#: Run a test on ``PRODUCTION_DATABASE`` only (see the module docstring for when that is right).
+production_database = pytest.mark.parametrize("db_url", [PRODUCTION_DATABASE], indirect=True, scope="session")
 _CSRF_INPUT = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
@@ -68,6 +83,40 @@ def broker_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     if redis_url:
         return redis_url
     return f"sqla+sqlite:///{tmp_path_factory.mktemp('broker') / 'broker.db'}"
+
+
+#: Measures the planner's step calibrations of the tiny runs into the file named by ``argv[1]``.
+_CALIBRATE_TINY_RUNS = """
+import sys
+from tests.training.helpers import TINY_BASELINE, TINY_PATCHGD
+from worker.patchgd.config import config_from_dict
+from worker.patchgd.memory import calibrate_step
+
+for algorithm, hyperparameters in (("patchgd", TINY_PATCHGD), ("baseline", TINY_BASELINE)):
+    config = config_from_dict(algorithm, dict(hyperparameters, num_classes=2, backbone="resnet18"))
+    calibrate_step(config, "cpu", cache_file=sys.argv[1])
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A planner's calibration file (``memory_calibration.json``) with resnet18's CPU step
+    calibrations for the tiny runs' sizes (64 px images, 32 px patches), measured once per test
+    run the way a worker measures them, in a fresh interpreter (so no calibration this process
+    already holds in memory can stop the file from being written).
+
+    Tests that plan these sizes copy it into their data folder, so that each plan does not
+    measure the same thing again; tests/worker/test_memory_plan_worker.py keeps proving a plan
+    measured from nothing by a real worker."""
+    path = tmp_path_factory.mktemp("calibration") / "memory_calibration.json"
+    subprocess.run(
+        [sys.executable, "-c", _CALIBRATE_TINY_RUNS, str(path)],
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+        timeout=900,
+    )
+    assert len(json.loads(path.read_text())) == 2, path.read_text()
+    return path
 
 
 @pytest.fixture(scope="session", params=_DATABASE_KINDS)

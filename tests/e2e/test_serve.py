@@ -7,6 +7,7 @@ and checks that nothing started by `serve` is left running.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -101,6 +102,14 @@ def session_members(session_id: int) -> list[int]:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
+    with serving(tmp_path) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def serving(tmp_path: Path) -> Iterator[Served]:
+    """`tessera serve` on a free port with its data folder in ``tmp_path``; killed with everything
+    it started at the end."""
     port = free_port()
     data_dir = tmp_path / "data"
     settings = Settings(data_dir=data_dir, database_url="", broker_url="", host="127.0.0.1", port=port)

@@ -7,29 +7,44 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 from safetensors.torch import load as load_safetensors
 
-from tests.e2e.test_serve import (  # noqa: F401  (the fixture is used by name)
+from tests.e2e.test_serve import (  # noqa: F401  (pytestmark applies to this module)
     CHROMIUM,
     CHROMIUM_ARGS,
     REPO_ROOT,
     START_TIMEOUT_SECONDS,
     Served,
     pytestmark,
-    served,
+    serving,
     wait_healthy,
 )
 
-#: Worker start-up (torch), the demo's build and validation, a calibration and a 2-epoch CPU run.
+#: Worker start-up (torch), the demo's build and validation, a plan and a 2-epoch CPU run.
 RUN_TIMEOUT_S = 900.0
 SCREENSHOT = REPO_ROOT / "docs" / "img" / "task-live.png"
 
 
-def _wait(what: str, check, served: Served, timeout: float = RUN_TIMEOUT_S):  # noqa: ANN001, ANN202, F811
+@pytest.fixture
+def served(tmp_path: Path, tiny_calibration: Path) -> Iterator[Served]:
+    """`tessera serve` whose data folder starts with the planner's calibration for this run's sizes
+    (64 px images, 32 px patches): the plan is still made by serve's light worker, without
+    measuring again what the test run already measured."""
+    (tmp_path / "data").mkdir()
+    shutil.copy(tiny_calibration, tmp_path / "data" / tiny_calibration.name)
+    with serving(tmp_path) as running:
+        yield running
+
+
+def _wait(what: str, check, served: Served, timeout: float = RUN_TIMEOUT_S):  # noqa: ANN001, ANN202
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
@@ -50,7 +65,7 @@ def _digit_canvas(path) -> None:  # noqa: ANN001
     path.write_bytes(buffer.getvalue())
 
 
-def test_plan_create_watch_download_and_predict_in_the_browser(served: Served, tmp_path) -> None:  # noqa: ANN001, F811
+def test_plan_create_watch_download_and_predict_in_the_browser(served: Served, tmp_path) -> None:  # noqa: ANN001
     password = served.wait_for_line(r"Admin password: (\S+)", START_TIMEOUT_SECONDS).group(1)
     wait_healthy(served.url, served, START_TIMEOUT_SECONDS)
     image = tmp_path / "canvas.png"

@@ -8,6 +8,7 @@ tests/workers/test_serve_workers.py."""
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 
@@ -198,7 +199,9 @@ def test_plan_in_the_form_is_accepted_with_one_click_and_kept_by_the_task(settin
 
 
 @pytest.mark.slow
-def test_the_api_accepts_a_plan_by_its_token(settings, client, make_user, bearer):
+def test_the_api_accepts_a_plan_by_its_token(settings, client, make_user, bearer, tiny_calibration):
+    settings.ensure_data_dir()
+    shutil.copy(tiny_calibration, settings.data_dir / tiny_calibration.name)  # read, not measured again
     user = make_user()
     auth = bearer(client, user)
     dataset_id = ready_dataset(settings, client, auth)

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from backend.training import predictions, service
+from tests.conftest import production_database
 from tests.datasets_worker.builders import image_bytes, png_claiming
 from tests.training.helpers import TINY_BASELINE, TINY_PATCHGD, builtin_backbone, ready_dataset
 from tests.training.test_worker import SHORT, Processes, wait_until
@@ -65,9 +66,14 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 
 @pytest.mark.slow
+@production_database
 def test_trained_models_predict_explain_evaluate_and_export(
     worker_settings, processes, make_client, make_user, bearer, tmp_path
 ):
+    """On the production database only: on SQLite, tests/e2e/test_workflow.py predicts with a
+    model trained by ``tessera serve``'s real worker, tests/e2e/test_predict.py runs the prediction
+    job, and the prediction and evaluation endpoints are tested on both databases in
+    tests/training/test_predictions_api.py."""
     client = make_client(worker_settings)
     auth = bearer(client, make_user())
     dataset_id = ready_dataset(worker_settings, client, auth, size=64)

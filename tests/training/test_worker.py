@@ -24,6 +24,7 @@ from backend.config import Settings
 from backend.datasets.service import REPORT_FILE, dataset_dir
 from backend.supervisor import beat_command, child_environment, worker_command
 from backend.training import service
+from tests.conftest import production_database
 from tests.training.helpers import TINY_BASELINE, TINY_PATCHGD, builtin_backbone, pyramid_zip, ready_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -161,7 +162,11 @@ def status_of(api, task_id: int) -> str:  # noqa: ANN001
 
 
 @pytest.mark.slow
+@production_database
 def test_patchgd_and_baseline_succeed_and_a_cancel_ends_a_run(fast_settings, processes, api):
+    """On the production database only: on SQLite, tests/e2e/test_workflow.py trains, watches,
+    downloads and predicts through ``tessera serve``'s real worker, and the events, coverage,
+    metrics and cancel endpoints are tested on both databases in tests/training/test_live.py."""
     worker = processes.start("worker")
     patchgd = api.create("patchgd", "patchgd", dict(TINY_PATCHGD, epochs=2))
     baseline = api.create("baseline", "baseline", TINY_BASELINE)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -40,7 +41,10 @@ SHORT = {
 
 
 @pytest.fixture
-def fast_settings(settings: Settings, tmp_path: Path) -> Settings:
+def fast_settings(settings: Settings, tmp_path: Path, tiny_calibration: Path) -> Settings:
+    """The test's settings with a broker of its own, short intervals and the tiny runs' calibration."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny_calibration, settings.data_dir / tiny_calibration.name)
     return settings.model_copy(
         update={
             "broker_url": f"sqla+sqlite:///{tmp_path / 'broker.db'}",
