@@ -106,10 +106,18 @@ def ensure_builtins(session: Session, settings: Settings) -> None:
             ]
         )
         session.execute(statement.on_conflict_do_nothing(index_elements=["builtin_key"]))
-    for row in session.scalars(select(Backbone).where(Backbone.builtin_key.is_not(None))):
+    due = []
+    for row in session.scalars(
+        select(Backbone).where(Backbone.builtin_key.is_not(None)).order_by(Backbone.id)
+    ):
         if _needs_measuring(row):
             row.details = {**(row.details or {}), "measure_requested_at": utcnow().isoformat()}
-            enqueue_after_commit(session, settings, BACKBONES_MEASURE, row.id)
+            due.append(row.id)
+    if due:
+        # One job measures them one after the other (each hands the rest on): a first start's
+        # eight measurements then hold one light-queue slot, not all of them, and a user's plan or
+        # prediction does not wait behind minutes of background measuring.
+        enqueue_after_commit(session, settings, BACKBONES_MEASURE, due[0], due[1:])
     session.flush()
 
 

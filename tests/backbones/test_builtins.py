@@ -12,9 +12,10 @@ import torchvision.models as tvm
 from sqlalchemy import func, select
 
 from backend.backbones import service
-from backend.config import Settings
+from backend.config import Settings, get_settings
 from backend.db import session_scope
 from backend.models import Backbone, utcnow
+from backend.queue import BACKBONES_MEASURE, LIGHT_QUEUE
 from worker.patchgd.catalog import list_backbones
 from worker.tasks import backbones as jobs
 
@@ -116,3 +117,47 @@ def test_measurements_are_requested_once_then_again_only_when_due(settings: Sett
         # A failed measurement is tried again.
         failed = service.builtin_for(session, "resnet50")
         assert failed is not None and failed.details["measure_requested_at"] != long_ago
+
+
+def _light_queue_jobs(settings: Settings) -> list[tuple[str, list]]:
+    """(task name, args) of every message waiting on the light queue of ``settings``'s broker."""
+    from kombu import Connection
+
+    jobs_sent = []
+    with Connection(settings.broker_url) as connection:
+        queue = connection.SimpleQueue(LIGHT_QUEUE)
+        try:
+            while True:
+                try:
+                    message = queue.get(block=True, timeout=1)
+                except queue.Empty:
+                    break
+                jobs_sent.append((message.headers["task"], message.payload[0]))
+                message.ack()
+        finally:
+            queue.close()
+    return jobs_sent
+
+
+def test_the_builtins_are_measured_one_at_a_time_by_a_chained_job(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first start's measurements hold one light-queue slot, so a user's plan never waits behind
+    all of them: one job is sent for every due built-in, and each job hands the rest on."""
+    own = settings.model_copy(update={"broker_url": f"sqla+sqlite:///{tmp_path / 'broker.db'}"})
+    with session_scope(own) as session:
+        service.ensure_builtins(session, own)
+        ids = sorted(session.scalars(select(Backbone.id).where(Backbone.builtin_key.is_not(None))))
+    assert len(ids) == len(list_backbones()) > 2
+    assert _light_queue_jobs(own) == [(BACKBONES_MEASURE, [ids[0], ids[1:]])]
+
+    monkeypatch.setenv("TESSERA_DATA_DIR", str(own.data_dir))
+    monkeypatch.setenv("TESSERA_DATABASE_URL", own.database_url)
+    monkeypatch.setenv("TESSERA_BROKER_URL", own.broker_url)
+    get_settings.cache_clear()
+    try:
+        # A row that is gone is skipped, and the chain still goes on.
+        assert jobs.measure(max(ids) + 1000, ids[1:]) == "skipped"
+    finally:
+        get_settings.cache_clear()
+    assert _light_queue_jobs(own) == [(BACKBONES_MEASURE, [ids[1], ids[2:]])]

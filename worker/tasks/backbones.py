@@ -15,7 +15,7 @@ from sqlalchemy import update
 from backend.config import get_settings
 from backend.db import session_scope
 from backend.models import Backbone, BackboneStatus, utcnow
-from backend.queue import BACKBONES_MEASURE, BACKBONES_VALIDATE
+from backend.queue import BACKBONES_MEASURE, BACKBONES_VALIDATE, enqueue
 from worker.celery_app import celery_app
 
 logger = logging.getLogger(__name__)
@@ -92,9 +92,18 @@ def _measure_device() -> str:
 
 
 @celery_app.task(name=BACKBONES_MEASURE)
-def measure(backbone_id: int) -> str:
+def measure(backbone_id: int, then: list[int] | None = None) -> str:
     """Fill a built-in row: parameter count and memory per megapixel (once), and whether
-    torchvision's ImageNet weights are in this worker's torch cache (every time)."""
+    torchvision's ImageNet weights are in this worker's torch cache (every time); then hand the
+    ids in ``then`` on to the next job, so the built-ins are measured one at a time."""
+    try:
+        return _measure(backbone_id)
+    finally:
+        if then:
+            enqueue(get_settings(), BACKBONES_MEASURE, then[0], then[1:])
+
+
+def _measure(backbone_id: int) -> str:
     from worker.patchgd.backbones import check_weights, describe_architecture, imagenet_weights
 
     settings = get_settings()
