@@ -52,10 +52,11 @@ torch.cuda.get_device_name(0))'
 # Baseline sizes predicted above 90% of the card are recorded as "does not fit", not provoked.
 GUARD_GIB="$("$PY" -c 'import torch; print(int(0.9 * torch.cuda.get_device_properties(0).total_memory / 2**30))')"
 
-part tests 240 "$PY" -m pytest -q -ra -p no:cacheprovider -o addopts="" -o filterwarnings=default \
+part tests 240 "$PY" -m pytest -q -raP -p no:cacheprovider -o addopts="" -o filterwarnings=default \
   tests/engine/test_gradients.py tests/engine/test_memory.py tests/engine/test_train.py \
   tests/engine/test_config.py tests/training/test_budget.py \
   tests/training/test_worker.py::test_patchgd_and_baseline_succeed_and_a_cancel_ends_a_run \
+  tests/training/test_worker.py::test_on_cuda_a_budgeted_patchgd_task_records_its_peak_against_the_enforced_budget \
   tests/training/test_predictions_worker.py tests/training/test_plans.py &
 TESTS=$!
 

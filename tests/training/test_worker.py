@@ -28,6 +28,13 @@ from tests.conftest import production_database
 from tests.training.helpers import TINY_BASELINE, TINY_PATCHGD, builtin_backbone, pyramid_zip, ready_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
 #: Bound on any one wait (worker start-up, importing torch, a tiny run) on a busy 2-core machine.
 TIMEOUT_SECONDS = 180.0
 SHORT = {
@@ -114,7 +121,7 @@ def api(fast_settings, make_client, make_user, bearer):  # noqa: ANN001, ANN201
     dataset_id = ready_dataset(fast_settings, client, auth, size=96)
     backbone_id = builtin_backbone(fast_settings)
 
-    def create(name: str, algorithm: str, hyperparameters: dict) -> dict:
+    def create(name: str, algorithm: str, hyperparameters: dict, **fields: object) -> dict:
         response = client.post(
             "/api/v1/tasks",
             json={
@@ -123,6 +130,7 @@ def api(fast_settings, make_client, make_user, bearer):  # noqa: ANN001, ANN201
                 "backbone_id": backbone_id,
                 "algorithm": algorithm,
                 "hyperparameters": hyperparameters,
+                **fields,
             },
             headers=auth,
         )
@@ -232,6 +240,31 @@ def test_patchgd_and_baseline_succeed_and_a_cancel_ends_a_run(fast_settings, pro
     assert kinds.index("cancel_requested") < kinds.index("cancel_seen"), kinds
     assert api.get(f"/{long['id']}")["progress"]["fraction"] < 1.0  # stopped, not run to its end
     assert worker.poll() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not _cuda_available(), reason="needs CUDA")
+def test_on_cuda_a_budgeted_patchgd_task_records_its_peak_against_the_enforced_budget(
+    fast_settings, processes, api
+):
+    """The GPU end to end: a real worker trains a PatchGD task on CUDA with the allocator capped at
+    the task's budget (``enforce_budget``) and records the measured peak against it."""
+    processes.start("worker")
+    budget_gib = 2.0
+    task = api.create("budgeted", "patchgd", dict(TINY_PATCHGD, epochs=2), memory_budget_gib=budget_gib)
+    wait_until(
+        processes,
+        "the budgeted task",
+        lambda: status_of(api, task["id"]) in service.TERMINAL_NAMES,
+    )
+    body = api.get(f"/{task['id']}")
+    assert body["status"] == "succeeded", (body, processes.logs())
+    memory = body["memory"]
+    print("gpu task memory:", json.dumps(memory))  # kept in bench/gpu.sh's test log
+    assert memory["device"] == "cuda" and memory["enforced"] is True, memory
+    assert memory["budget_bytes"] == int(budget_gib * 2**30)
+    assert 0 < memory["peak_bytes"] <= memory["budget_bytes"] and memory["within_budget"] is True, memory
 
 
 def _checkpoint_step(settings: Settings, task_id: int) -> int | None:
