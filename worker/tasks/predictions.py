@@ -6,7 +6,8 @@ header before any decode, corrupt data found, slides and pyramidal TIFFs by head
 it the way training read its data: an ordinary image is decoded and resized once to the task's
 ``image_size`` (``load_resized``, what the training cache holds); a large, pyramidal or whole-slide
 image is streamed, the PatchGD grid laid over the smallest pyramid level at least ``image_size``
-on a side, each patch read from its region alone and resized (``FilePatchSource``). For PatchGD the
+on a side (or the task's own training level, ``pyramid_level``, when the upload has it), each
+patch read from its region alone and resized (``FilePatchSource``). For PatchGD the
 per-cell evidence (``patch_evidence``: occlusion of each cell's latent in Z by the image's mean
 latent, head only) becomes a heatmap drawn over the thumbnail; a baseline model gets its
 probabilities and the thumbnail only.
@@ -94,18 +95,30 @@ def _limits(settings: Settings):  # noqa: ANN202
     return dataclasses.replace(dataset_limits(settings), thumbnail_size=THUMBNAIL_SIZE)
 
 
-def _model_input_streamed(path: Path, cfg: Any, limits: Any) -> tuple[Any, dict[str, Any]]:
-    """A streaming patch source over ``path`` for the PatchGD grid (what was read is described)."""
+def _training_level(cfg: Any, levels: int) -> int | None:
+    """The pyramid level the task was trained on, if the upload has it (else None: the smallest
+    level at least ``image_size``, the rule for tasks trained on level 0)."""
+    level = getattr(cfg, "pyramid_level", None)
+    return level if level and level < levels else None
+
+
+def _model_input_streamed(
+    path: Path, cfg: Any, limits: Any, levels: int = 1
+) -> tuple[Any, dict[str, Any]]:
+    """A streaming patch source over ``path`` for the PatchGD grid (what was read is described).
+    Reads the task's training level when the upload has it."""
     from worker.patchgd.data import FilePatchSource
 
-    source = FilePatchSource(path, cfg.grid, max_pixels=limits.max_slide_pixels)
+    level = _training_level(cfg, levels)
+    source = FilePatchSource(path, cfg.grid, max_pixels=limits.max_slide_pixels, level=level)
     reader = source.open().reader
     return source, {"streamed": True, "level": reader.level, "level_size": list(reader.size)}
 
 
-def _whole_image_streamed(path: Path, image_size: int, limits: Any):  # noqa: ANN202
+def _whole_image_streamed(path: Path, image_size: int, limits: Any, level: int | None = None):  # noqa: ANN202
     """A large image as one ``image_size``² uint8 array for the baseline, read tile by tile from
-    the smallest pyramid level at least that big (each tile resized like a PatchGD patch)."""
+    pyramid level ``level``, else the smallest level at least that big (each tile resized like a
+    PatchGD patch)."""
     import numpy as np
 
     from worker.patchgd.data import FilePatchSource
@@ -113,7 +126,7 @@ def _whole_image_streamed(path: Path, image_size: int, limits: Any):  # noqa: AN
 
     n = next(k for k in range(1, image_size + 1) if image_size % k == 0 and image_size // k <= 512)
     grid = PatchGrid(image_size, image_size // n)
-    source = FilePatchSource(path, grid, max_pixels=limits.max_slide_pixels)
+    source = FilePatchSource(path, grid, max_pixels=limits.max_slide_pixels, level=level)
     try:
         stream = source.open()
         p = grid.patch_size
@@ -192,7 +205,7 @@ def predict_file(settings: Settings, spec: dict[str, Any]) -> tuple[dict[str, An
     evidence = None
     if isinstance(model, PatchGDModel):
         if streamed:
-            source, described = _model_input_streamed(path, cfg, limits)
+            source, described = _model_input_streamed(path, cfg, limits, len(info.levels))
         else:
             source = normalize_uint8(
                 load_resized(path, cfg.image_size, max_pixels=limits.max_pixels)
@@ -206,7 +219,9 @@ def predict_file(settings: Settings, spec: dict[str, Any]) -> tuple[dict[str, An
         evidence = explained.evidence
     else:
         if streamed:
-            pixels, described = _whole_image_streamed(path, cfg.image_size, limits)
+            pixels, described = _whole_image_streamed(
+                path, cfg.image_size, limits, _training_level(cfg, len(info.levels))
+            )
         else:
             pixels = load_resized(path, cfg.image_size, max_pixels=limits.max_pixels)
         probabilities = predict(model, normalize_uint8(pixels).unsqueeze(0))[0]
