@@ -66,6 +66,7 @@ def _check_common(cfg: Any) -> None:
         raise ConfigError("pretrained_weights must be a file path or empty")
     if cfg.checkpoint_every_minutes is not None:
         _check_float("checkpoint_every_minutes", cfg.checkpoint_every_minutes, 0.0, exclusive=True)
+    _check_int("bn_recalibration_batches", cfg.bn_recalibration_batches, 0)
 
 
 class _ConfigMixin:
@@ -149,6 +150,10 @@ class PatchGDConfig(_ConfigMixin):
     # Also write a checkpoint mid-epoch once this many minutes passed since the last one (None: only
     # at epoch ends). Fractions are fine. Operational, not a hyperparameter: a resume may change it.
     checkpoint_every_minutes: float | None = None
+    # At every epoch's end, BatchNorm running statistics are re-estimated for the current weights
+    # from this many training batches, in dataset order (0: off). Without it they lag the weights
+    # by about ten steps, and evaluation at a high learning rate sees another network.
+    bn_recalibration_batches: int = 16
 
     def __post_init__(self) -> None:
         self.validate()
@@ -271,6 +276,10 @@ class BaselineConfig(_ConfigMixin):
     # Also write a checkpoint mid-epoch once this many minutes passed since the last one (None: only
     # at epoch ends). Fractions are fine. Operational, not a hyperparameter: a resume may change it.
     checkpoint_every_minutes: float | None = None
+    # At every epoch's end, BatchNorm running statistics are re-estimated for the current weights
+    # from this many training batches, in dataset order (0: off). Without it they lag the weights
+    # by about ten steps, and evaluation at a high learning rate sees another network.
+    bn_recalibration_batches: int = 16
 
     def __post_init__(self) -> None:
         self.validate()

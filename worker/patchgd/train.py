@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data.dataloader import _DatasetKind
 
-from .batchnorm import frozen_running_stats, one_update_per_step
+from .batchnorm import batchnorm_layers, frozen_running_stats, one_update_per_step
 from .checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -403,6 +403,95 @@ def _length(loader: Iterable) -> int:
         return len(loader)  # type: ignore[arg-type]
     except TypeError:
         return 0
+
+
+def recalibration_batches(train_loader: Iterable, count: int) -> Iterable | None:
+    """The first ``count`` training batches in dataset order, drawn without touching any RNG that
+    training uses (so the next epoch's order and a resumed run are unchanged); None when the
+    loader's data cannot be read that way (an iterable-style dataset)."""
+    if count <= 0:
+        return None
+    if isinstance(train_loader, (list, tuple)):
+        return train_loader[:count]
+    dataset = getattr(train_loader, "dataset", None)
+    batch_size = getattr(train_loader, "batch_size", None)
+    if (
+        dataset is None
+        or not batch_size
+        or isinstance(dataset, torch.utils.data.IterableDataset)
+        or not hasattr(dataset, "__len__")
+    ):
+        return None
+    indices = range(min(len(dataset), count * batch_size))
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=0,
+        collate_fn=train_loader.collate_fn,  # type: ignore[attr-defined]
+        generator=torch.Generator(),  # its seed draw leaves the global RNG alone
+    )
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, batches: Iterable, cfg: PatchGDConfig | BaselineConfig, device: torch.device
+) -> int:
+    """Re-estimate every BatchNorm layer's running statistics for the current weights ("precise
+    BatchNorm"): forget them, then run ``batches`` as training does (train-mode normalisation,
+    PatchGD's fill pass in chunks of k, then the head on Z) with a cumulative average, no
+    gradients, dropout off, and the random number generators restored afterwards. Running
+    statistics updated once per step with momentum 0.1 follow the weights over about ten steps; at
+    a high learning rate evaluation would see another network. Returns the number of batches used
+    (0: nothing run, the statistics are kept as they were)."""
+    layers = batchnorm_layers(model)
+    if not layers:
+        return 0
+    saved = [
+        (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for m in layers
+    ]
+    was_training = model.training
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for m in model.modules():  # each layer sees what it sees in evaluation: no dropout
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    used = 0
+    devices = [device] if device.type == "cuda" else []
+    try:
+        # No random number that training draws from moves (the next epoch is unchanged).
+        with torch.random.fork_rng(devices=devices), autocast_context(cfg, device):
+            for images, _labels in batches:
+                if isinstance(cfg, PatchGDConfig):
+                    source = (
+                        images
+                        if isinstance(images, PatchSource)
+                        else TensorPatchSource(images.to(device), cfg.grid)
+                    )
+                    order = torch.arange(cfg.grid.num_patches)
+                    z = model.fill_latent(  # type: ignore[operator]
+                        source, _chunks(order, cfg.k), channels_last=cfg.use_channels_last(device.type)
+                    )
+                    model.classify(z)  # type: ignore[operator]
+                    _close(source)
+                else:
+                    x = images.to(device)
+                    if cfg.use_channels_last(device.type):
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    model(x)
+                used += 1
+    finally:
+        for m, (momentum, mean, var, count) in zip(layers, saved, strict=True):
+            m.momentum = momentum
+            if not used:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+        model.train(was_training)
+    return used
 
 
 def _close(source: object) -> None:
@@ -808,6 +897,9 @@ def train(
                 status = "stopped"
             break
 
+        recalibration = recalibration_batches(train_loader, cfg.bn_recalibration_batches)
+        if recalibration is not None:
+            recalibrate_batchnorm(model, recalibration, cfg, device)
         val = None
         if val_loader is not None:
             heartbeat = None
