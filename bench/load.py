@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,6 +230,32 @@ def postgres_database(base_url: str) -> Iterator[str]:
         admin.dispose()
 
 
+def wait_until_answering(
+    process: subprocess.Popen[bytes],
+    log: Any,
+    url: str,
+    what: str,
+    timeout: float,
+    interval: float,
+    ok: Callable[[int], bool],
+) -> None:
+    """Poll ``url`` until its status code is ``ok``; raise with ``log`` if ``process`` exits first,
+    or after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"{what} exited:\n{log.read().decode(errors='replace')}")
+        try:
+            if ok(httpx.get(url, timeout=2).status_code):
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer in time")
+        time.sleep(interval)
+
+
 @contextmanager
 def served(database_url: str, port: int, broker_url: str | None) -> Iterator[str]:
     """`tessera serve` in a temporary data folder; yields its base URL and stops it afterwards."""
@@ -260,19 +286,15 @@ def served(database_url: str, port: int, broker_url: str | None) -> Iterator[str
         )
         base_url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + START_TIMEOUT_SECONDS
-            while True:
-                if process.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"serve exited:\n{log.read().decode(errors='replace')}")
-                try:
-                    if httpx.get(f"{base_url}/login", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("serve did not answer in time")
-                time.sleep(0.5)
+            wait_until_answering(
+                process,
+                log,
+                f"{base_url}/login",
+                "serve",
+                START_TIMEOUT_SECONDS,
+                0.5,
+                lambda code: code == 200,
+            )
             yield base_url
         finally:
             if process.poll() is None:

@@ -41,6 +41,8 @@ import httpx
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from bench.load import wait_until_answering
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "bench" / "results"
 USERNAME = "bench-admin"
@@ -215,19 +217,9 @@ def served(
     log = open(folder / f"web-{port}.log", "w+b")  # noqa: SIM115 (read back on failure)
     process = subprocess.Popen(command, env=server_env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"the server exited:\n{log.read().decode(errors='replace')}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code < 600:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not answer in time")
-            time.sleep(0.3)
+        wait_until_answering(
+            process, log, f"http://127.0.0.1:{port}/healthz", "the server", 60, 0.3, lambda code: code < 600
+        )
         yield process
     finally:
         process.send_signal(signal.SIGINT)
